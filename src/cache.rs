@@ -1,0 +1,123 @@
+//! The in-process cache of keys in front of the store: verified keys for `ttl`, unknown
+//! ones for `negative_ttl`, so that neither a busy client nor a flood of random keys asks
+//! the store on every request. While the store is down, verified keys keep working for
+//! `stale_if_error` past their `ttl`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use hyper::header::HeaderValue;
+
+use crate::config::CacheConfig;
+use crate::key::KeyRecord;
+use crate::ratelimit::Limits;
+
+/// Unknown keys remembered at most: past this, a flood of random keys is not cached
+/// (each such request then costs a store lookup, and the per-IP failed-auth limit applies).
+const MAX_NEGATIVE_ENTRIES: usize = 1_000_000;
+
+/// A verified key with what the hot path needs already built.
+#[derive(Debug)]
+pub(crate) struct CachedKey {
+    pub(crate) record: KeyRecord,
+    pub(crate) id: Arc<str>,
+    pub(crate) limits: Limits,
+    pub(crate) policy: HeaderValue,
+    pub(crate) id_header: HeaderValue,
+    pub(crate) owner_header: HeaderValue,
+}
+
+impl CachedKey {
+    pub(crate) fn new(record: KeyRecord, defaults: Limits) -> CachedKey {
+        let limits = record.limits(defaults);
+        CachedKey {
+            id: Arc::from(record.id.as_str()),
+            policy: limits.policy_header(),
+            limits,
+            id_header: HeaderValue::from_str(&record.id).unwrap_or(HeaderValue::from_static("")),
+            owner_header: HeaderValue::from_str(&record.owner)
+                .unwrap_or(HeaderValue::from_static("")),
+            record,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: Option<Arc<CachedKey>>,
+    fetched: Instant,
+}
+
+/// What the cache knows of a digest.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// Within its ttl: `None` means known to be unknown.
+    Fresh(Option<Arc<CachedKey>>),
+    /// Past its ttl but within `stale_if_error`: use only if the store cannot answer.
+    Stale(Arc<CachedKey>),
+    Miss,
+}
+
+#[derive(Debug)]
+pub(crate) struct KeyCache {
+    map: DashMap<[u8; 32], Entry>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    stale_if_error: Duration,
+}
+
+impl KeyCache {
+    pub(crate) fn new(config: &CacheConfig) -> KeyCache {
+        KeyCache {
+            map: DashMap::new(),
+            ttl: config.ttl,
+            negative_ttl: config.negative_ttl,
+            stale_if_error: config.stale_if_error,
+        }
+    }
+
+    pub(crate) fn get(&self, hash: &[u8; 32]) -> Lookup {
+        let Some(entry) = self.map.get(hash) else {
+            return Lookup::Miss;
+        };
+        let age = entry.fetched.elapsed();
+        match &entry.key {
+            Some(key) if age < self.ttl => Lookup::Fresh(Some(Arc::clone(key))),
+            Some(key) if age < self.ttl + self.stale_if_error => Lookup::Stale(Arc::clone(key)),
+            None if age < self.negative_ttl => Lookup::Fresh(None),
+            _ => Lookup::Miss,
+        }
+    }
+
+    pub(crate) fn insert(&self, hash: [u8; 32], key: Option<Arc<CachedKey>>) {
+        if key.is_none() && self.map.len() >= MAX_NEGATIVE_ENTRIES {
+            return;
+        }
+        self.map.insert(
+            hash,
+            Entry {
+                key,
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    /// Forgets a key so the next request asks the store (after a revocation or an edit).
+    pub(crate) fn invalidate(&self, hash: &[u8; 32]) {
+        self.map.remove(hash);
+    }
+
+    /// Drops entries that can no longer be used.
+    pub(crate) fn sweep(&self) {
+        let (ttl, negative_ttl) = (self.ttl + self.stale_if_error, self.negative_ttl);
+        self.map.retain(|_, e| {
+            let age = e.fetched.elapsed();
+            if e.key.is_some() {
+                age < ttl
+            } else {
+                age < negative_ttl
+            }
+        });
+    }
+}

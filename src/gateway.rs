@@ -1,0 +1,435 @@
+//! The data plane: one request from arrival to answer, as a straight pipeline
+//! route → credential → key (cache, then store) → status → usage → rate limit → forward.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, Version};
+use ipnet::IpNet;
+use jiff::Timestamp;
+
+use crate::cache::{CachedKey, KeyCache, Lookup};
+use crate::config::{AuthMode, Config};
+use crate::credential::{self, CarriedBy, CredentialError};
+use crate::key::Status;
+use crate::metrics::Metrics;
+use crate::problem::{GatewayError, Outcome};
+use crate::ratelimit::{FailedAuthLimiter, Limits, LocalLimiter, RateHeaders};
+use crate::store::Store;
+use crate::upstream::{self, Route, Router, UpstreamClient};
+use crate::usage::UsageRecorder;
+
+/// What the data plane answers with: the upstream's streamed body, or one of ours.
+pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
+
+/// Everything one gateway instance shares across requests. Built once at start-up.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    pub(crate) config: Arc<Config>,
+    router: Router,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cache: KeyCache,
+    pub(crate) limiter: LocalLimiter,
+    pub(crate) failed_auth: FailedAuthLimiter,
+    pub(crate) usage: UsageRecorder,
+    pub(crate) metrics: Metrics,
+    client: UpstreamClient,
+    pub(crate) defaults: Limits,
+}
+
+/// What the access log and metrics learn about a request as it goes.
+#[derive(Debug)]
+struct Trace {
+    route: Option<usize>,
+    key_id: Option<Arc<str>>,
+    client_ip: IpAddr,
+}
+
+impl Gateway {
+    pub(crate) fn new(config: Arc<Config>, store: Arc<dyn Store>) -> Result<Gateway, String> {
+        let router = Router::new(&config.routes)?;
+        let metrics = Metrics::new(&router.names());
+        Ok(Gateway {
+            router,
+            store,
+            cache: KeyCache::new(&config.cache),
+            limiter: LocalLimiter::new(),
+            failed_auth: FailedAuthLimiter::new(config.limits.failed_auth_per_minute_per_ip),
+            usage: UsageRecorder::default(),
+            metrics,
+            client: upstream::client(),
+            defaults: Limits {
+                per_minute: config.rate_limit.per_minute,
+                per_second: config.rate_limit.per_second,
+            },
+            config,
+        })
+    }
+
+    /// Answers one request; never fails: every refusal becomes its problem+json answer.
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        tls: bool,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let mut trace = Trace {
+            route: None,
+            key_id: None,
+            client_ip: peer.ip(),
+        };
+        let (response, outcome, error) = match self.pipeline(req, peer, tls, &mut trace).await {
+            Ok(response) => (response, Outcome::Forwarded, None),
+            Err(e) => (e.to_response().map(Either::Right), e.outcome(), Some(e)),
+        };
+        let elapsed = start.elapsed();
+        self.metrics
+            .route(trace.route)
+            .observe(outcome, elapsed.as_secs_f64());
+        let route = trace
+            .route
+            .map_or("none", |i| self.config.routes[i].name.as_str());
+        let key_id = trace.key_id.as_deref().unwrap_or("-");
+        match &error {
+            Some(e) if response.status().is_server_error() => tracing::warn!(
+                target: "keygate::access",
+                route, %method, status = response.status().as_u16(), outcome = outcome.as_str(),
+                key_id, client_ip = %trace.client_ip, latency_ms = elapsed.as_secs_f64() * 1e3,
+                cause = %error_chain(e),
+                "request"
+            ),
+            _ => tracing::info!(
+                target: "keygate::access",
+                route, %method, status = response.status().as_u16(), outcome = outcome.as_str(),
+                key_id, client_ip = %trace.client_ip, latency_ms = elapsed.as_secs_f64() * 1e3,
+                "request"
+            ),
+        }
+        response
+    }
+
+    async fn pipeline(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        tls: bool,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, GatewayError> {
+        if header_bytes(&req) > self.config.limits.max_header_bytes {
+            return Err(GatewayError::HeadersTooLarge);
+        }
+        // Routing comes first: a request no route takes is 404 whatever its credentials.
+        let route = self
+            .router
+            .find(request_host(&req), req.uri().path())
+            .ok_or(GatewayError::NoRoute)?;
+        trace.route = Some(route.index);
+        trace.client_ip = self.client_ip(req.headers(), peer.ip());
+
+        let (key, carried) = match route.auth {
+            AuthMode::None => (None, None),
+            AuthMode::Required => {
+                let (key, carried) = self.authenticate(req.headers(), trace.client_ip).await?;
+                trace.key_id = Some(Arc::clone(&key.id));
+                (Some(key), Some(carried))
+            }
+        };
+
+        let rate = match &key {
+            Some(key) => {
+                // A rate-limited request is a use of the key too (SPEC §3 Usage).
+                self.usage.record(&key.id, trace.client_ip);
+                let verdict = self.limiter.check(&key.id, key.limits);
+                let headers = RateHeaders::new(key.policy.clone(), key.limits, &verdict);
+                if let Some(window) = verdict.refused_by {
+                    self.metrics.rate_limited(window);
+                    self.usage.note_rate_limited(&key.id, window);
+                    return Err(GatewayError::RateLimited {
+                        limit: window,
+                        retry_after: verdict.retry_after_secs,
+                        headers,
+                    });
+                }
+                Some(headers)
+            }
+            None => None,
+        };
+
+        let mut response = self
+            .forward(req, route, key.as_deref(), carried, peer.ip(), tls)
+            .await?;
+        if let Some(rate) = rate {
+            rate.apply(response.headers_mut());
+        }
+        Ok(response)
+    }
+
+    /// Credential → key → status, with the per-IP limit on failed attempts around it.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client_ip: IpAddr,
+    ) -> Result<(Arc<CachedKey>, CarriedBy), GatewayError> {
+        // Checked before the key, so a blocked client cannot tell a good guess from a bad one.
+        if let Some(retry_after) = self.failed_auth.blocked(client_ip) {
+            return Err(GatewayError::TooManyFailedAttempts { retry_after });
+        }
+        let result = self.verify(headers).await;
+        if let Err(
+            e @ (GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey
+            | GatewayError::RevokedApiKey),
+        ) = &result
+        {
+            self.metrics.auth_failure(e.code());
+            if let Some(retry_after) = self.failed_auth.record_failure(client_ip) {
+                return Err(GatewayError::TooManyFailedAttempts { retry_after });
+            }
+        }
+        result
+    }
+
+    async fn verify(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(Arc<CachedKey>, CarriedBy), GatewayError> {
+        let (secret, carried) = credential::extract(headers).map_err(|e| match e {
+            CredentialError::Missing => GatewayError::MissingApiKey,
+            CredentialError::Conflicting => GatewayError::InvalidApiKey,
+        })?;
+        // The shape and checksum are checked before any lookup: garbage never costs a query.
+        if !credential::is_well_formed(secret, &self.config.keys.prefix) {
+            return Err(GatewayError::InvalidApiKey);
+        }
+        let hash = credential::digest(secret);
+        let key = self
+            .lookup(&hash)
+            .await?
+            .ok_or(GatewayError::InvalidApiKey)?;
+        match key.record.status(Timestamp::now()) {
+            Status::Revoked => Err(GatewayError::RevokedApiKey),
+            Status::Expired => Err(GatewayError::ExpiredApiKey),
+            Status::Active | Status::ExpiringSoon => Ok((key, carried)),
+        }
+    }
+
+    /// The key of a digest: from the cache when fresh, else from the store, else (store down)
+    /// from the cache while within `stale_if_error`.
+    async fn lookup(&self, hash: &[u8; 32]) -> Result<Option<Arc<CachedKey>>, GatewayError> {
+        let stale = match self.cache.get(hash) {
+            Lookup::Fresh(Some(key)) => {
+                self.metrics.cache_hit.inc();
+                return Ok(Some(key));
+            }
+            Lookup::Fresh(None) => {
+                self.metrics.cache_negative.inc();
+                return Ok(None);
+            }
+            Lookup::Stale(key) => Some(key),
+            Lookup::Miss => None,
+        };
+        self.metrics.cache_miss.inc();
+        match self.store.key_by_hash(hash).await {
+            Ok(record) => {
+                let key = record.map(|r| Arc::new(CachedKey::new(r, self.defaults)));
+                self.cache.insert(*hash, key.clone());
+                Ok(key)
+            }
+            Err(e) => {
+                self.metrics.store_error("key_lookup");
+                match stale {
+                    Some(key) => {
+                        tracing::debug!(key_id = %key.id, "store unreachable: serving cached key");
+                        Ok(Some(key))
+                    }
+                    None => Err(GatewayError::StoreUnavailable(e)),
+                }
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        route: &Route,
+        key: Option<&CachedKey>,
+        carried: Option<CarriedBy>,
+        peer: IpAddr,
+        tls: bool,
+    ) -> Result<Response<Body>, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        parts.uri = route
+            .upstream_uri(&parts.uri)
+            .map_err(|_| GatewayError::BadRequest("The request target cannot be forwarded."))?;
+        parts.version = Version::HTTP_11;
+        self.rewrite_request_headers(&mut parts.headers, key, carried, peer, tls, original_host);
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            route.timeout,
+            self.client.request(Request::from_parts(parts, body)),
+        )
+        .await;
+        self.metrics
+            .route(Some(route.index))
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(Box::new(e))),
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                upstream::remove_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+        }
+    }
+
+    /// SPEC §3 "Allowed requests": what the upstream may rely on.
+    fn rewrite_request_headers(
+        &self,
+        headers: &mut HeaderMap,
+        key: Option<&CachedKey>,
+        carried: Option<CarriedBy>,
+        peer: IpAddr,
+        tls: bool,
+        original_host: Option<HeaderValue>,
+    ) {
+        upstream::remove_hop_by_hop(headers);
+        if let Some(carried) = carried {
+            if carried.x_api_key {
+                headers.remove(credential::X_API_KEY);
+            }
+            if carried.authorization {
+                headers.remove(header::AUTHORIZATION);
+            }
+        }
+        // Client-sent X-Keygate-* go first, so upstreams can trust the ones we add.
+        if headers.keys().any(is_keygate_header) {
+            let forged: Vec<HeaderName> = headers
+                .keys()
+                .filter(|n| is_keygate_header(n))
+                .cloned()
+                .collect();
+            for name in forged {
+                headers.remove(name);
+            }
+        }
+        let forwarded_for = if self.is_trusted(peer) {
+            let mut chain: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let peer = peer.to_string();
+            chain.push(&peer);
+            HeaderValue::from_str(&chain.join(", ")).ok()
+        } else {
+            HeaderValue::from_str(&peer.to_string()).ok()
+        };
+        if let Some(value) = forwarded_for {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
+        if let Some(host) = original_host {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        // The client sets Host from the upstream URI, as Kong does by default.
+        headers.remove(header::HOST);
+        if let Some(key) = key {
+            headers.insert(X_KEYGATE_KEY_ID.clone(), key.id_header.clone());
+            headers.insert(X_KEYGATE_OWNER.clone(), key.owner_header.clone());
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.config
+            .trusted_proxies
+            .iter()
+            .any(|net: &IpNet| net.contains(&ip))
+    }
+
+    /// The socket peer, or, behind trusted proxies, the right-most untrusted
+    /// `X-Forwarded-For` entry.
+    fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+            let Ok(value) = value.to_str() else {
+                return client;
+            };
+            for entry in value.rsplit(',') {
+                match entry.trim().parse::<IpAddr>() {
+                    Ok(ip) => {
+                        client = ip;
+                        if !self.is_trusted(ip) {
+                            return ip;
+                        }
+                    }
+                    Err(_) => return client,
+                }
+            }
+        }
+        client
+    }
+}
+
+fn is_keygate_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-keygate-")
+}
+
+/// The host a request is for: the URI authority (HTTP/2, absolute form) or `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .host()
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// The size of the request head as the client sent it, near enough.
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |pq| pq.as_str().len())
+        + 12;
+    req.headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// An error and its causes on one line, for the log.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,33 @@
+//! keygate: a reverse-proxy gateway that enforces API keys in front of existing HTTP APIs.
+//!
+//! What each module owns:
+//! - [`config`]: YAML → validated, typed configuration; every problem reported with its path.
+//! - [`server`]: listeners, connection limits, graceful shutdown; wires everything together.
+//! - `gateway`: the per-request pipeline (route → credential → key → status → usage → limit → forward).
+//! - [`credential`]: extracting a secret from headers, its shape and checksum; no I/O.
+//! - [`key`]: the key model, status rules, and input validation; no I/O.
+//! - `cache`: the in-process cache of verified (and unknown) keys in front of the store.
+//! - [`store`]: the store trait and its backends; the only place with SQL for keys.
+//! - [`ratelimit`]: the pure sliding-window decision and the per-instance limiter.
+//! - `upstream`: routing, header rewriting and the pooled upstream client.
+//! - `usage`: batched last-used writes, never awaited inside a request.
+//! - `problem`: the one table from refusal to status, problem `code` and headers.
+//! - `admin`: the admin API, health and metrics endpoints.
+//! - `metrics`: the Prometheus registry of one gateway instance.
+//! - [`cli`]: the `keygate` command line.
+
+pub mod cli;
+pub mod config;
+pub mod credential;
+pub mod key;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+
+mod admin;
+mod cache;
+mod gateway;
+mod metrics;
+mod problem;
+mod upstream;
+mod usage;

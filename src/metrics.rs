@@ -1,0 +1,197 @@
+//! The Prometheus metrics of one gateway instance (SPEC §5), in a registry of its own so two
+//! gateways can run in one process. Label children of the request path are resolved once at
+//! start-up: a request increments counters without hashing label values.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::problem::Outcome;
+use crate::ratelimit::Window;
+
+/// From 100 µs to 10 s: a proxy's own cost sits at the bottom, slow upstreams at the top.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Counters and histograms of one route (or of `none`), by outcome.
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    requests: Vec<IntCounter>,
+    durations: Vec<Histogram>,
+    pub(crate) upstream_duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub(crate) fn observe(&self, outcome: Outcome, seconds: f64) {
+        let i = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("every outcome is in ALL");
+        self.requests[i].inc();
+        self.durations[i].observe(seconds);
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// Indexed like the config's routes, then one more for `none`.
+    pub(crate) routes: Vec<RouteMetrics>,
+    auth_failures: IntCounterVec,
+    pub(crate) rate_limited_minute: IntCounter,
+    pub(crate) rate_limited_second: IntCounter,
+    pub(crate) cache_hit: IntCounter,
+    pub(crate) cache_miss: IntCounter,
+    pub(crate) cache_negative: IntCounter,
+    store_errors: IntCounterVec,
+    pub(crate) connections_active: IntGauge,
+}
+
+impl Metrics {
+    pub(crate) fn new(route_names: &[String]) -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "keygate_requests_total",
+                "Data-plane requests by route and outcome.",
+            ),
+            &["route", "outcome"],
+        )
+        .expect("valid metric");
+        let durations = HistogramVec::new(
+            HistogramOpts::new(
+                "keygate_request_duration_seconds",
+                "Time from request headers to response headers, by route and outcome.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route", "outcome"],
+        )
+        .expect("valid metric");
+        let upstream = HistogramVec::new(
+            HistogramOpts::new(
+                "keygate_upstream_duration_seconds",
+                "Time the upstream took to answer with headers, by route.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "keygate_auth_failures_total",
+                "Refused credentials by reason (the problem code).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "keygate_rate_limited_total",
+                "Requests refused by a key's rate limit, by the window that refused.",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "keygate_key_cache_lookups_total",
+                "Key cache lookups by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "keygate_store_errors_total",
+                "Failed store operations by operation.",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        let connections_active = IntGauge::new(
+            "keygate_connections_active",
+            "Open data-plane client connections.",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(durations.clone()),
+            Box::new(upstream.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(rate_limited.clone()),
+            Box::new(cache.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(connections_active.clone()),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        let routes = route_names
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once("none"))
+            .map(|route| RouteMetrics {
+                requests: Outcome::ALL
+                    .iter()
+                    .map(|o| requests.with_label_values(&[route, o.as_str()]))
+                    .collect(),
+                durations: Outcome::ALL
+                    .iter()
+                    .map(|o| durations.with_label_values(&[route, o.as_str()]))
+                    .collect(),
+                upstream_duration: upstream.with_label_values(&[route]),
+            })
+            .collect();
+        for reason in [
+            "missing_api_key",
+            "invalid_api_key",
+            "expired_api_key",
+            "revoked_api_key",
+        ] {
+            auth_failures.with_label_values(&[reason]);
+        }
+        Metrics {
+            registry,
+            routes,
+            auth_failures,
+            rate_limited_minute: rate_limited.with_label_values(&[Window::Minute.as_str()]),
+            rate_limited_second: rate_limited.with_label_values(&[Window::Second.as_str()]),
+            cache_hit: cache.with_label_values(&["hit"]),
+            cache_miss: cache.with_label_values(&["miss"]),
+            cache_negative: cache.with_label_values(&["negative"]),
+            store_errors,
+            connections_active,
+        }
+    }
+
+    /// The metrics of route `index`, or of `none` for `None`.
+    pub(crate) fn route(&self, index: Option<usize>) -> &RouteMetrics {
+        &self.routes[index.unwrap_or(self.routes.len() - 1)]
+    }
+
+    pub(crate) fn auth_failure(&self, code: &str) {
+        self.auth_failures.with_label_values(&[code]).inc();
+    }
+
+    pub(crate) fn rate_limited(&self, window: Window) {
+        match window {
+            Window::Minute => self.rate_limited_minute.inc(),
+            Window::Second => self.rate_limited_second.inc(),
+        }
+    }
+
+    pub(crate) fn store_error(&self, op: &str) {
+        self.store_errors.with_label_values(&[op]).inc();
+    }
+
+    /// The Prometheus text exposition format.
+    pub(crate) fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}

@@ -1,0 +1,156 @@
+//! Rate limits: the per-key sliding windows of SPEC §3 and the per-client-IP limit on
+//! failed authentications.
+//!
+//! The per-key rule is a pure function of (state, limits, now), [`decide`], so that every
+//! backend (this process's memory now, a Redis script later) applies the same rule.
+//!
+//! Why not GCRA: the SPEC guarantees that a key never gets more than `per_minute` allowed
+//! requests in *any* 60-second span, and expects the 101st request after 100 sent at 10/s to
+//! wait about 50 s. GCRA with a burst of 100 refills one request every 600 ms, so it would
+//! allow about 180 requests in the first minute. A sliding window over allowed requests, kept
+//! in slots (1 s for the minute window, exact for the second window), gives the guarantee; each
+//! slot's requests are counted as if they happened at the slot's end, so a refusal may last up
+//! to one slot longer, never shorter.
+
+mod failed_auth;
+mod window;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use hyper::HeaderMap;
+use hyper::header::{HeaderName, HeaderValue};
+
+pub(crate) use failed_auth::FailedAuthLimiter;
+pub use window::{KeyWindows, Verdict, decide};
+
+/// The two limits that apply to a key together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub per_minute: u32,
+    pub per_second: u32,
+}
+
+impl Limits {
+    /// The `RateLimit-Policy` header value for these limits.
+    pub(crate) fn policy_header(self) -> HeaderValue {
+        HeaderValue::try_from(format!(
+            "\"minute\";q={};w=60, \"second\";q={};w=1",
+            self.per_minute, self.per_second
+        ))
+        .expect("digits and ASCII punctuation")
+    }
+}
+
+/// Which of the two windows refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Minute,
+    Second,
+}
+
+impl Window {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Second => "second",
+        }
+    }
+}
+
+/// This instance's memory of every key's windows.
+#[derive(Debug)]
+pub(crate) struct LocalLimiter {
+    windows: DashMap<Arc<str>, KeyWindows>,
+    epoch: Instant,
+}
+
+impl LocalLimiter {
+    pub(crate) fn new() -> LocalLimiter {
+        LocalLimiter {
+            windows: DashMap::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Decides one request of `key` and counts it when allowed.
+    pub(crate) fn check(&self, key: &Arc<str>, limits: Limits) -> Verdict {
+        let now = self.now_us();
+        // The shard lock is held only for this pure decision; nothing awaits under it.
+        let mut windows = self.windows.entry(Arc::clone(key)).or_default();
+        decide(&mut windows, limits, now)
+    }
+
+    /// Forgets keys with nothing left in their windows.
+    pub(crate) fn sweep(&self) {
+        let now = self.now_us();
+        self.windows.retain(|_, w| !w.is_idle(now));
+    }
+}
+
+/// The rate-limit headers of one answer (SPEC §3): RateLimit-Policy, RateLimit and
+/// X-RateLimit-* for the per-minute window.
+#[derive(Debug, Clone)]
+pub(crate) struct RateHeaders {
+    policy: HeaderValue,
+    limit: u32,
+    remaining: u32,
+    reset: u64,
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+impl RateHeaders {
+    pub(crate) fn new(policy: HeaderValue, limits: Limits, verdict: &Verdict) -> RateHeaders {
+        RateHeaders {
+            policy,
+            limit: limits.per_minute,
+            remaining: verdict.remaining,
+            reset: verdict.reset_secs,
+        }
+    }
+
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+        let ratelimit = format!("\"minute\";r={};t={}", self.remaining, self.reset);
+        headers.insert(
+            RATELIMIT.clone(),
+            HeaderValue::try_from(ratelimit).expect("ASCII"),
+        );
+        headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        headers.insert(
+            X_RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(self.remaining),
+        );
+        headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(self.reset));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test() -> RateHeaders {
+        let limits = Limits {
+            per_minute: 100,
+            per_second: 10,
+        };
+        RateHeaders {
+            policy: limits.policy_header(),
+            limit: 100,
+            remaining: 0,
+            reset: 50,
+        }
+    }
+}
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
+pub(crate) fn whole_seconds_up(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}

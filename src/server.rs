@@ -1,0 +1,301 @@
+//! Running a gateway: opening the store, the two listeners (data plane and admin), the
+//! background flush and sweep tasks, and the graceful stop.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests can start the real
+//! server on port 0 and stop it when they like.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::IntGauge;
+use rand::distr::{Alphanumeric, SampleString};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::admin::Admin;
+use crate::config::{Backend, Config};
+use crate::gateway::{Gateway, error_chain};
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// How often idle limiter, cache and failed-auth state is dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the store")]
+    Store(#[source] StoreError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot bind {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin token file {path}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The bound sockets of one gateway.
+#[derive(Debug)]
+pub struct Listeners {
+    pub data: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin.listen` of the config.
+    pub async fn bind(config: &Config) -> Result<Listeners, ServeError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { what, addr, source })
+        };
+        Ok(Listeners {
+            data: bind("the data plane", config.listen).await?,
+            admin: bind("the admin API", config.admin.listen).await?,
+        })
+    }
+}
+
+/// The admin token: from the config, else from the token file, which is generated (mode 0600)
+/// when `create` is set and it does not exist yet. Returns the token and the file it came from.
+pub fn admin_token(config: &Config, create: bool) -> Result<(String, Option<PathBuf>), ServeError> {
+    if let Some(token) = config.admin.token.as_deref().filter(|t| !t.is_empty()) {
+        return Ok((token.to_string(), None));
+    }
+    let path = config.store.admin_token_path();
+    let failed = |source| ServeError::Token {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_string(), Some(path))),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {}
+        Err(e) => return Err(failed(e)),
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(failed)?;
+    }
+    let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(failed)?;
+    writeln!(file, "{token}").map_err(failed)?;
+    Ok((token, Some(path)))
+}
+
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
+    match config.store.backend {
+        Backend::Embedded => Ok(Arc::new(
+            SqliteStore::open(&config.store.path).map_err(ServeError::Store)?,
+        )),
+        Backend::Redis => Err(ServeError::Unsupported(
+            "store.backend: redis is not available in this build yet; use embedded".into(),
+        )),
+    }
+}
+
+/// Runs the gateway until `shutdown` completes, then stops accepting, lets in-flight requests
+/// finish for up to `shutdown_timeout`, and flushes usage.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    if config.tls.is_some() {
+        return Err(ServeError::Unsupported(
+            "tls: TLS termination is not available in this build yet; remove `tls`".into(),
+        ));
+    }
+    let config = Arc::new(config);
+    let store = open_store(&config)?;
+    let (token, token_file) = admin_token(&config, true)?;
+    if let Some(path) = token_file {
+        tracing::info!(path = %path.display(), "admin token read from file");
+    }
+    let gateway =
+        Arc::new(Gateway::new(Arc::clone(&config), store).map_err(ServeError::Unsupported)?);
+    let admin = Arc::new(Admin::new(Arc::clone(&gateway), token));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let data_addr = listeners.data.local_addr().ok();
+    let admin_addr = listeners.admin.local_addr().ok();
+    tracing::info!(addr = ?data_addr, "data plane listening");
+    tracing::info!(addr = ?admin_addr, "admin API listening");
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.limits.header_read_timeout)
+        // Above max_header_bytes, so our own check answers 431 with problem+json.
+        .max_buf_size((config.limits.max_header_bytes + 4096).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX));
+
+    let gw = Arc::clone(&gateway);
+    let data = tokio::spawn(accept_loop(
+        listeners.data,
+        builder.clone(),
+        config.limits.max_connections,
+        gateway.metrics.connections_active.clone(),
+        stop_rx.clone(),
+        config.shutdown_timeout,
+        move |req, peer| {
+            let gw = Arc::clone(&gw);
+            async move { gw.handle(req, peer, false).await }
+        },
+    ));
+    let admin_task = tokio::spawn(accept_loop(
+        listeners.admin,
+        builder,
+        1024,
+        IntGauge::new("admin_connections", "unregistered").expect("valid gauge"),
+        stop_rx.clone(),
+        config.shutdown_timeout,
+        move |req, _peer| {
+            let admin = Arc::clone(&admin);
+            async move { admin.handle(req).await }
+        },
+    ));
+    let background = tokio::spawn(background(Arc::clone(&gateway), stop_rx));
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    let _ = stop_tx.send(true);
+    let cut = data.await.unwrap_or(0);
+    if cut > 0 {
+        tracing::warn!(
+            connections = cut,
+            "shutdown_timeout passed: cut connections still open"
+        );
+    }
+    let _ = admin_task.await;
+    let _ = background.await;
+    match gateway.usage.flush(&*gateway.store).await {
+        Ok(()) => tracing::info!("usage flushed; stopped"),
+        Err(e) => {
+            tracing::error!(cause = %error_chain(&e), "usage could not be flushed at shutdown")
+        }
+    }
+    Ok(())
+}
+
+/// Resolves once the stop signal is given (at once if it already was).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Flushes usage every `usage.flush_interval` and sweeps idle state, until stopped.
+async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let mut flush = tokio::time::interval(gateway.config.usage.flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = flush.tick() => {
+                if let Err(e) = gateway.usage.flush(&*gateway.store).await {
+                    gateway.metrics.store_error("usage_flush");
+                    tracing::warn!(cause = %error_chain(&e), "usage flush failed; will retry");
+                }
+            }
+            _ = sweep.tick() => {
+                gateway.cache.sweep();
+                gateway.limiter.sweep();
+                gateway.failed_auth.sweep();
+            }
+            _ = stopped(&mut stop) => break,
+        }
+    }
+}
+
+/// Accepts connections until stopped, at most `max_connections` at once; then waits up to
+/// `drain` for open connections to finish. Returns how many were cut.
+async fn accept_loop<F, Fut, B>(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    max_connections: usize,
+    active: IntGauge,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+    handler: F,
+) -> usize
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        // At the connection cap, stop accepting: new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => permit.expect("semaphore never closed"),
+            _ = stopped(&mut stop) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let response = handler(req, peer);
+            async move { Ok::<_, Infallible>(response.await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let active = active.clone();
+        tokio::spawn(async move {
+            active.inc();
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            active.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    match tokio::time::timeout(drain, graceful.shutdown()).await {
+        Ok(()) => 0,
+        Err(_) => usize::try_from(active.get()).unwrap_or(0),
+    }
+}

@@ -1,0 +1,438 @@
+//! The embedded store: one SQLite file (bundled library, WAL journal). SQLite gives atomic,
+//! crash-safe commits and the queries that list, search and audit need, without a server.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+use super::{AuditEvent, AuditKind, KeyFilter, Store, StoreError, UsageRecord};
+use crate::key::KeyRecord;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    id           TEXT PRIMARY KEY,
+    hash         BLOB NOT NULL UNIQUE,
+    prefix       TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    description  TEXT,
+    owner        TEXT NOT NULL,
+    family       TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER,
+    revoked_at   INTEGER,
+    last_used_at INTEGER,
+    last_used_ip TEXT,
+    per_minute   INTEGER,
+    per_second   INTEGER,
+    metadata     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_owner ON keys (owner, name);
+CREATE TABLE IF NOT EXISTS audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    kind   TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id, seq);
+";
+
+const COLUMNS: &str = "id, hash, prefix, name, description, owner, family, created_at, \
+    expires_at, revoked_at, last_used_at, last_used_ip, per_minute, per_second, metadata";
+
+/// The embedded store. SQLite connections are not `Sync`, so one connection sits behind a
+/// mutex and every call runs on the blocking pool, never on the async workers.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file and its directory.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(unavailable)?;
+        // WAL: readers never block the writer; FULL: a commit survives a power cut.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn millis(at: Timestamp) -> i64 {
+    at.as_millisecond()
+}
+
+fn from_millis(ms: i64) -> rusqlite::Result<Timestamp> {
+    Timestamp::from_millisecond(ms).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, Box::new(e))
+    })
+}
+
+fn opt_from_millis(ms: Option<i64>) -> rusqlite::Result<Option<Timestamp>> {
+    ms.map(from_millis).transpose()
+}
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let hash: Vec<u8> = row.get(1)?;
+    let ip: Option<String> = row.get(11)?;
+    let metadata: String = row.get(14)?;
+    Ok(KeyRecord {
+        id: row.get(0)?,
+        hash: hash.try_into().unwrap_or([0; 32]),
+        prefix: row.get(2)?,
+        name: row.get(3)?,
+        description: row.get(4)?,
+        owner: row.get(5)?,
+        family: row.get(6)?,
+        created_at: from_millis(row.get(7)?)?,
+        expires_at: opt_from_millis(row.get(8)?)?,
+        revoked_at: opt_from_millis(row.get(9)?)?,
+        last_used_at: opt_from_millis(row.get(10)?)?,
+        last_used_ip: ip.and_then(|ip| ip.parse::<IpAddr>().ok()),
+        per_minute: row.get(12)?,
+        per_second: row.get(13)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+    })
+}
+
+fn get_key(tx: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    tx.query_row(
+        &format!("SELECT {COLUMNS} FROM keys WHERE id = ?1"),
+        params![id],
+        key_from_row,
+    )
+    .optional()
+    .map_err(unavailable)
+}
+
+/// `Conflict` when another rotation family of this owner has a non-revoked key named `name`.
+fn check_name_free(
+    tx: &Transaction<'_>,
+    owner: &str,
+    name: &str,
+    family: &str,
+) -> Result<(), StoreError> {
+    let taken: i64 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM keys WHERE owner = ?1 AND name = ?2 \
+             AND revoked_at IS NULL AND family != ?3",
+            params![owner, name, family],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    if taken > 0 {
+        return Err(StoreError::Conflict(format!(
+            "owner `{owner}` already has a key named `{name}`"
+        )));
+    }
+    Ok(())
+}
+
+fn insert(tx: &Transaction<'_>, key: &KeyRecord) -> Result<(), StoreError> {
+    tx.execute(
+        &format!(
+            "INSERT INTO keys ({COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ),
+        params![
+            key.id,
+            key.hash.as_slice(),
+            key.prefix,
+            key.name,
+            key.description,
+            key.owner,
+            key.family,
+            millis(key.created_at),
+            key.expires_at.map(millis),
+            key.revoked_at.map(millis),
+            key.last_used_at.map(millis),
+            key.last_used_ip.map(|ip| ip.to_string()),
+            key.per_minute,
+            key.per_second,
+            serde_json::to_string(&key.metadata).expect("string map serializes"),
+        ],
+    )
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_key(&self, key: &KeyRecord, max_per_owner: u32) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            check_name_free(&tx, &key.owner, &key.name, &key.family)?;
+            let live: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM keys WHERE owner = ?1 AND revoked_at IS NULL",
+                    params![key.owner],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            if live >= i64::from(max_per_owner) {
+                return Err(StoreError::Conflict(format!(
+                    "owner `{}` already has {live} keys, the most allowed (keys.max_per_owner); revoke one first",
+                    key.owner
+                )));
+            }
+            insert(&tx, &key)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        old_id: &str,
+        new: &KeyRecord,
+        old_expires_at: Timestamp,
+    ) -> Result<KeyRecord, StoreError> {
+        let (old_id, new) = (old_id.to_string(), new.clone());
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut old = get_key(&tx, &old_id)?.ok_or(StoreError::NotFound)?;
+            if old.revoked_at.is_some() {
+                return Err(StoreError::Conflict(
+                    "a revoked key cannot be rotated".into(),
+                ));
+            }
+            let expires = match old.expires_at {
+                Some(at) if at < old_expires_at => at,
+                _ => old_expires_at,
+            };
+            tx.execute(
+                "UPDATE keys SET expires_at = ?2 WHERE id = ?1",
+                params![old_id, millis(expires)],
+            )
+            .map_err(unavailable)?;
+            old.expires_at = Some(expires);
+            insert(&tx, &new)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(old)
+        })
+        .await
+    }
+
+    async fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        let hash = *hash;
+        self.run(move |conn| {
+            conn.query_row(
+                &format!("SELECT {COLUMNS} FROM keys WHERE hash = ?1"),
+                params![hash.as_slice()],
+                key_from_row,
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_string();
+        self.run(move |conn| get_key(conn, &id)).await
+    }
+
+    async fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let filter = filter.clone();
+        self.run(move |conn| {
+            let search = filter.search.as_deref().map(|s| {
+                let escaped = s
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_");
+                format!("%{escaped}%")
+            });
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM keys \
+                     WHERE (?1 IS NULL OR owner = ?1) \
+                     AND (?2 IS NULL OR name LIKE ?2 ESCAPE '\\' \
+                          OR description LIKE ?2 ESCAPE '\\' OR prefix LIKE ?2 ESCAPE '\\') \
+                     ORDER BY created_at, id"
+                ))
+                .map_err(unavailable)?;
+            stmt.query_map(params![filter.owner, search], key_from_row)
+                .map_err(unavailable)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn edit_key(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        description: Option<Option<&str>>,
+        now: Timestamp,
+    ) -> Result<KeyRecord, StoreError> {
+        let id = id.to_string();
+        let name = name.map(str::to_string);
+        let description = description.map(|d| d.map(str::to_string));
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut key = get_key(&tx, &id)?.ok_or(StoreError::NotFound)?;
+            if !key.status(now).is_usable() {
+                return Err(StoreError::Conflict(format!(
+                    "key `{id}` is {} and can no longer be edited",
+                    key.status(now).as_str()
+                )));
+            }
+            if let Some(name) = name {
+                if name != key.name {
+                    check_name_free(&tx, &key.owner, &name, &key.family)?;
+                }
+                key.name = name;
+            }
+            if let Some(description) = description {
+                key.description = description;
+            }
+            tx.execute(
+                "UPDATE keys SET name = ?2, description = ?3 WHERE id = ?1",
+                params![id, key.name, key.description],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, id: &str, at: Timestamp) -> Result<KeyRecord, StoreError> {
+        let id = id.to_string();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute(
+                "UPDATE keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, millis(at)],
+            )
+            .map_err(unavailable)?;
+            let key = get_key(&tx, &id)?.ok_or(StoreError::NotFound)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<(), StoreError> {
+        let batch = batch.to_vec();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE keys SET last_used_at = ?2, last_used_ip = ?3 \
+                         WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at <= ?2)",
+                    )
+                    .map_err(unavailable)?;
+                for record in &batch {
+                    stmt.execute(params![
+                        record.key_id,
+                        millis(record.at),
+                        record.ip.to_string()
+                    ])
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        let events = events.to_vec();
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO audit (at, kind, key_id, detail) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(unavailable)?;
+                for event in &events {
+                    stmt.execute(params![
+                        millis(event.at),
+                        event.kind.as_str(),
+                        event.key_id,
+                        event.detail.to_string()
+                    ])
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn audit(
+        &self,
+        key_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let key_id = key_id.map(str::to_string);
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT at, kind, key_id, detail FROM audit \
+                     WHERE (?1 IS NULL OR key_id = ?1) ORDER BY seq DESC LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            stmt.query_map(params![key_id, limit as i64], |row| {
+                let kind: String = row.get(1)?;
+                let detail: String = row.get(3)?;
+                Ok(AuditEvent {
+                    at: from_millis(row.get(0)?)?,
+                    kind: AuditKind::parse(&kind).unwrap_or(AuditKind::Edited),
+                    key_id: row.get(2)?,
+                    detail: serde_json::from_str(&detail).unwrap_or_default(),
+                })
+            })
+            .map_err(unavailable)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}

@@ -1,0 +1,255 @@
+//! Routing, the header rules of forwarding (SPEC §3) and the pooled upstream client.
+
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName};
+use hyper::http::uri::{Authority, Scheme};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{AuthMode, RouteConfig};
+
+/// Pooled keep-alive client to every upstream; request bodies stream straight through.
+pub(crate) type UpstreamClient = Client<HttpConnector, Incoming>;
+
+pub(crate) fn client() -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(http)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the non-standard ones proxies still meet).
+/// `Upgrade` is among them: WebSocket pass-through is not supported yet.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// One configured route, ready to match and to build upstream URIs.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) index: usize,
+    pub(crate) name: String,
+    host: Option<String>,
+    prefix: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// The upstream URL's own path, without a trailing `/`.
+    base_path: String,
+    pub(crate) auth: AuthMode,
+    strip_prefix: bool,
+    pub(crate) timeout: Duration,
+}
+
+impl Route {
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.host {
+            match host {
+                Some(host) if host.eq_ignore_ascii_case(want) => {}
+                _ => return false,
+            }
+        }
+        path.starts_with(&self.prefix)
+    }
+
+    /// The upstream URI for a request URI: base path + (stripped) path + query.
+    pub(crate) fn upstream_uri(&self, uri: &Uri) -> Result<Uri, hyper::http::Error> {
+        let path = uri.path();
+        let rest = if self.strip_prefix {
+            path.get(self.prefix.len()..).unwrap_or("")
+        } else {
+            path
+        };
+        let query = uri.query();
+        let mut target = String::with_capacity(
+            self.base_path.len() + rest.len() + 2 + query.map_or(0, str::len),
+        );
+        target.push_str(&self.base_path);
+        if !rest.starts_with('/') {
+            target.push('/');
+        }
+        target.push_str(rest);
+        if let Some(query) = query {
+            target.push('?');
+            target.push_str(query);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(target)
+            .build()
+    }
+}
+
+/// The route table; first match wins.
+#[derive(Debug)]
+pub(crate) struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Builds the table; fails for what this build cannot forward to.
+    pub(crate) fn new(configs: &[RouteConfig]) -> Result<Router, String> {
+        let mut routes = Vec::with_capacity(configs.len());
+        for (index, config) in configs.iter().enumerate() {
+            let upstream = config
+                .upstream
+                .as_ref()
+                .ok_or_else(|| format!("routes[{index}].upstream: required"))?;
+            if upstream.scheme() != Some(&Scheme::HTTP) {
+                return Err(format!(
+                    "routes[{index}].upstream: only http:// upstreams are supported by this build, got `{upstream}`"
+                ));
+            }
+            routes.push(Route {
+                index,
+                name: config.name.clone(),
+                host: config
+                    .host
+                    .as_ref()
+                    .map(|h| strip_port(h).to_ascii_lowercase()),
+                prefix: config.path_prefix.clone(),
+                scheme: Scheme::HTTP,
+                authority: upstream
+                    .authority()
+                    .cloned()
+                    .ok_or("upstream without host")?,
+                base_path: upstream.path().trim_end_matches('/').to_string(),
+                auth: config.auth,
+                strip_prefix: config.strip_prefix,
+                timeout: config.timeout,
+            });
+        }
+        Ok(Router { routes })
+    }
+
+    /// The first route taking this host (port ignored) and path.
+    pub(crate) fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.routes.iter().map(|r| r.name.clone()).collect()
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+fn strip_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(at)
+            if !host[at + 1..].is_empty()
+                && host[at + 1..].bytes().all(|b| b.is_ascii_digit())
+                && (!host.starts_with('[') || host[..at].ends_with(']')) =>
+        {
+            &host[..at]
+        }
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, upstream: &str, strip: bool, host: Option<&str>) -> RouteConfig {
+        RouteConfig {
+            name: "r".into(),
+            path_prefix: prefix.into(),
+            host: host.map(str::to_string),
+            upstream: Some(upstream.parse().unwrap()),
+            strip_prefix: strip,
+            ..RouteConfig::default()
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_host_ignores_port_and_case() {
+        let router = Router::new(&[
+            route("/api", "http://a:1", false, Some("API.example.com")),
+            route("/", "http://b:1", false, None),
+        ])
+        .unwrap();
+        assert_eq!(
+            router
+                .find(Some("api.EXAMPLE.com:8080"), "/api/x")
+                .unwrap()
+                .index,
+            0
+        );
+        assert_eq!(router.find(Some("other"), "/api/x").unwrap().index, 1);
+        assert_eq!(router.find(None, "/api").unwrap().index, 1);
+    }
+
+    #[test]
+    fn upstream_uri_keeps_query_and_strips_prefix() {
+        let r = Router::new(&[route("/api", "http://u:3000/base/", true, None)]).unwrap();
+        let r = r.find(None, "/api/users").unwrap();
+        let uri = r
+            .upstream_uri(&"/api/users?q=1&x=%20".parse().unwrap())
+            .unwrap();
+        assert_eq!(uri.to_string(), "http://u:3000/base/users?q=1&x=%20");
+        let uri = r.upstream_uri(&"/api".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://u:3000/base/");
+        let r = Router::new(&[route("/api", "http://u:3000", false, None)]).unwrap();
+        let uri = r.routes[0]
+            .upstream_uri(&"/api/users".parse().unwrap())
+            .unwrap();
+        assert_eq!(uri.to_string(), "http://u:3000/api/users");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("a.com:80"), "a.com");
+        assert_eq!(strip_port("a.com"), "a.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}
