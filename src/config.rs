@@ -502,7 +502,7 @@ impl Config {
                 }
             }
         }
-        if self.listen == self.admin.listen {
+        if self.listen == self.admin.listen && self.listen.port() != 0 {
             problem(
                 "admin.listen".into(),
                 format!("must differ from `listen` ({})", self.listen),

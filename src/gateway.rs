@@ -107,14 +107,14 @@ impl Gateway {
             Some(e) if response.status().is_server_error() => tracing::warn!(
                 target: "keygate::access",
                 route, %method, status = response.status().as_u16(), outcome = outcome.as_str(),
-                key_id, client_ip = %trace.client_ip, latency_ms = elapsed.as_secs_f64() * 1e3,
+                key_id, client_ip = %trace.client_ip, latency_us = elapsed.as_micros() as u64,
                 cause = %error_chain(e),
                 "request"
             ),
             _ => tracing::info!(
                 target: "keygate::access",
                 route, %method, status = response.status().as_u16(), outcome = outcome.as_str(),
-                key_id, client_ip = %trace.client_ip, latency_ms = elapsed.as_secs_f64() * 1e3,
+                key_id, client_ip = %trace.client_ip, latency_us = elapsed.as_micros() as u64,
                 "request"
             ),
         }
