@@ -375,12 +375,11 @@ impl Config {
                     let path = if path == "." { String::new() } else { path };
                     let mut message = e.into_inner().to_string();
                     let segments = segments_of(&path);
-                    if let Some(found) = scalar_at(&tree, &segments) {
-                        if !message.contains(&found) {
+                    if let Some(found) = scalar_at(&tree, &segments)
+                        && !message.contains(&found) {
                             message = format!("{message}, got `{found}`");
                         }
-                    }
-                    let removed = remove_at(&mut tree, &segments, &message);
+                    let removed = remove_at(&mut tree, &segments);
                     problems.push(ConfigProblem { path, message });
                     if !removed || problems.len() > 100 {
                         return Err(problems);
@@ -586,13 +585,13 @@ fn scalar_at(tree: &Value, segments: &[Segment]) -> Option<String> {
     }
 }
 
-/// Removes the node a deserialization error points at so the next attempt gets past it.
-/// An unknown field is reported at its parent's path; its name is in the message.
-fn remove_at(tree: &mut Value, segments: &[Segment], message: &str) -> bool {
-    let mut node = tree;
+/// Removes the node a deserialization error points at (an unknown field is reported at its
+/// own path) so the next attempt gets past it. False when there is nothing to remove.
+fn remove_at(tree: &mut Value, segments: &[Segment]) -> bool {
     let Some((last, parents)) = segments.split_last() else {
-        return remove_unknown_field(node, message);
+        return false;
     };
+    let mut node = tree;
     for segment in parents {
         node = match (segment, node) {
             (Segment::Key(k), Value::Object(map)) => match map.get_mut(k) {
@@ -607,34 +606,12 @@ fn remove_at(tree: &mut Value, segments: &[Segment], message: &str) -> bool {
         };
     }
     match (last, node) {
-        (Segment::Key(k), Value::Object(map)) => {
-            if message.starts_with("unknown field") {
-                if let Some(child) = map.get_mut(k.as_str()) {
-                    if remove_unknown_field(child, message) {
-                        return true;
-                    }
-                }
-            }
-            map.remove(k).is_some()
-        }
+        (Segment::Key(k), Value::Object(map)) => map.remove(k).is_some(),
         (Segment::Index(i), Value::Array(items)) if *i < items.len() => {
             // Keep indexes stable for later messages: blank the entry instead of removing it.
             items[*i] = Value::Object(Default::default());
             true
         }
-        _ => false,
-    }
-}
-
-fn remove_unknown_field(node: &mut Value, message: &str) -> bool {
-    let Some(name) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-    else {
-        return false;
-    };
-    match node {
-        Value::Object(map) => map.remove(name).is_some(),
         _ => false,
     }
 }

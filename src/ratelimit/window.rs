@@ -15,29 +15,33 @@ const MINUTE: Span = Span {
     window: 60_000_000,
     slot: 1_000_000,
 };
-/// Exact: a slot of 1 µs. This window holds at most `per_second` entries (only allowed
-/// requests are kept), and exactness lets a burst's `Retry-After` be 1 s, not 2.
+/// 1 ms slots: at most 1,000 entries per key whatever `per_second` is, and fine enough that a
+/// burst's `Retry-After` is 1 s, not 2, unless its first request was in the same millisecond.
 const SECOND: Span = Span {
     window: 1_000_000,
-    slot: 1,
+    slot: 1_000,
 };
 
-/// Allowed requests of one window, as (slot number, count), oldest first.
+/// Allowed requests of one window, as (slot number, count), oldest first, and their total.
 /// Only slots that hold requests are kept, so an idle key costs almost nothing.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Slots(VecDeque<(u64, u32)>);
+struct Slots {
+    entries: VecDeque<(u64, u32)>,
+    total: u32,
+}
 
 impl Slots {
     /// When the requests of `slot` stop counting: as if made at the slot's last microsecond,
-    /// plus the window. With 1 µs slots that is exact.
+    /// plus the window.
     fn expiry(span: Span, slot: u64) -> u64 {
         (slot + 1) * span.slot - 1 + span.window
     }
 
     fn prune(&mut self, span: Span, now: u64) {
-        while let Some(&(slot, _)) = self.0.front() {
+        while let Some(&(slot, n)) = self.entries.front() {
             if Slots::expiry(span, slot) <= now {
-                self.0.pop_front();
+                self.entries.pop_front();
+                self.total -= n;
             } else {
                 break;
             }
@@ -45,13 +49,13 @@ impl Slots {
     }
 
     fn count(&self) -> u32 {
-        self.0.iter().map(|&(_, n)| n).sum()
+        self.total
     }
 
     /// Microseconds until fewer than `limit` requests are counted.
     fn wait_below(&self, span: Span, limit: u32, now: u64) -> u64 {
         let mut excess = (self.count() + 1).saturating_sub(limit);
-        for &(slot, n) in &self.0 {
+        for &(slot, n) in &self.entries {
             if n >= excess {
                 return Slots::expiry(span, slot).saturating_sub(now);
             }
@@ -62,17 +66,18 @@ impl Slots {
 
     /// Microseconds until the oldest counted request stops counting.
     fn next_release(&self, span: Span, now: u64) -> u64 {
-        self.0.front().map_or(0, |&(slot, _)| {
+        self.entries.front().map_or(0, |&(slot, _)| {
             Slots::expiry(span, slot).saturating_sub(now)
         })
     }
 
     fn add(&mut self, span: Span, now: u64) {
         let slot = now / span.slot;
-        match self.0.back_mut() {
+        match self.entries.back_mut() {
             Some((last, n)) if *last == slot => *n += 1,
-            _ => self.0.push_back((slot, 1)),
+            _ => self.entries.push_back((slot, 1)),
         }
+        self.total += 1;
     }
 }
 
@@ -88,7 +93,7 @@ impl KeyWindows {
     pub fn is_idle(&mut self, now: u64) -> bool {
         self.minute.prune(MINUTE, now);
         self.second.prune(SECOND, now);
-        self.minute.0.is_empty() && self.second.0.is_empty()
+        self.minute.entries.is_empty() && self.second.entries.is_empty()
     }
 }
 
@@ -188,9 +193,9 @@ mod tests {
         }
         let cases = vec![
             Case {
-                what: "11 at once: the 11th is refused by the second window for 1 s",
+                what: "11 within 10 ms: the 11th is refused by the second window for 1 s",
                 limits: DEFAULTS,
-                times: vec![5 * S; 11],
+                times: (0..11).map(|i| 5 * S + i * MS).collect(),
                 allowed: 10,
                 last_retry_after: Some(1),
             },
