@@ -39,7 +39,10 @@ fn main() {
     keys.insert(hash, 7);
     let plain: HashMap<[u8; 32], u64> = keys.iter().map(|e| (*e.key(), *e.value())).collect();
     // Limits high enough that every request is allowed: the allowed path is the common one.
-    let limits = Limits { per_minute: 1_000_000_000, per_second: 1_000_000_000 };
+    let limits = Limits {
+        per_minute: 1_000_000_000,
+        per_second: 1_000_000_000,
+    };
     let windows: DashMap<u64, KeyWindows> = DashMap::new();
     let start = Instant::now();
 
@@ -72,5 +75,8 @@ fn main() {
         let mut w = windows.entry(id).or_default();
         black_box(decide(&mut w, limits, now));
     });
-    println!("ratio of a cache-hit request to the baseline: {:.1}x", total / baseline);
+    println!(
+        "ratio of a cache-hit request to the baseline: {:.1}x",
+        total / baseline
+    );
 }

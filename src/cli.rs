@@ -156,7 +156,7 @@ impl AdminClient {
                     .map_err(|e| {
                         CliError(format!(
                             "no admin token: set KEYGATE_ADMIN_TOKEN or admin.token, or start the gateway once to generate one ({})",
-                            crate_error_chain(&e)
+                            crate::error_chain(&e)
                         ))
                     })?
                     .0
@@ -192,7 +192,7 @@ impl AdminClient {
             CliError(format!(
                 "cannot reach the admin API at {}: {} (is `keygate serve` running?)",
                 self.base,
-                crate_error_chain(&e)
+                crate::error_chain(&e)
             ))
         })?;
         let status = response.status();
@@ -215,10 +215,6 @@ impl AdminClient {
 
 fn load_config(path: &Path) -> Result<Config, CliError> {
     Config::load(path).map_err(|e| CliError(e.to_string()))
-}
-
-fn crate_error_chain(e: &dyn std::error::Error) -> String {
-    crate::gateway::error_chain(e)
 }
 
 /// Runs a `keys` command, printing its result on stdout.

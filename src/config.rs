@@ -376,9 +376,10 @@ impl Config {
                     let mut message = e.into_inner().to_string();
                     let segments = segments_of(&path);
                     if let Some(found) = scalar_at(&tree, &segments)
-                        && !message.contains(&found) {
-                            message = format!("{message}, got `{found}`");
-                        }
+                        && !message.contains(&found)
+                    {
+                        message = format!("{message}, got `{found}`");
+                    }
                     let removed = remove_at(&mut tree, &segments);
                     problems.push(ConfigProblem { path, message });
                     if !removed || problems.len() > 100 {

@@ -16,6 +16,7 @@ use jiff::Timestamp;
 use crate::cache::{CachedKey, KeyCache, Lookup};
 use crate::config::{AuthMode, Config};
 use crate::credential::{self, CarriedBy, CredentialError};
+use crate::error_chain;
 use crate::key::Status;
 use crate::metrics::Metrics;
 use crate::problem::{GatewayError, Outcome};
@@ -420,16 +421,4 @@ fn header_bytes<B>(req: &Request<B>) -> usize {
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum::<usize>()
         + line
-}
-
-/// An error and its causes on one line, for the log.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

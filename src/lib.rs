@@ -31,3 +31,15 @@ mod metrics;
 mod problem;
 mod upstream;
 mod usage;
+
+/// An error and its causes on one line, for logs and command-line messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use keygate::cli::{Cli, Command, LogFormat, run_keys};
 use keygate::config::Config;
+use keygate::error_chain;
 use keygate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -66,8 +67,8 @@ fn main() -> ExitCode {
                 match result {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        tracing::error!("{}", chain(&e));
-                        eprintln!("keygate: {}", chain(&e));
+                        tracing::error!("{}", error_chain(&e));
+                        eprintln!("keygate: {}", error_chain(&e));
                         ExitCode::FAILURE
                     }
                 }
@@ -81,15 +82,4 @@ fn main() -> ExitCode {
             }
         },
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -241,13 +241,27 @@ pub(crate) fn problem_response(
     title: &str,
     detail: &str,
 ) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({
+    problem_with_field(status, code, title, detail, None)
+}
+
+/// As [`problem_response`], with a `field` extension member naming the input at fault.
+pub(crate) fn problem_with_field(
+    status: StatusCode,
+    code: &str,
+    title: &str,
+    detail: &str,
+    field: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let mut body = serde_json::json!({
         "type": format!("urn:keygate:problem:{code}"),
         "title": title,
         "status": status.as_u16(),
         "detail": detail,
         "code": code,
     });
+    if let Some(field) = field {
+        body["field"] = serde_json::Value::String(field.to_string());
+    }
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(

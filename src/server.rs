@@ -26,7 +26,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
-use crate::gateway::{Gateway, error_chain};
+use crate::error_chain;
+use crate::gateway::Gateway;
 use crate::store::{SqliteStore, Store, StoreError};
 
 /// How often idle limiter, cache and failed-auth state is dropped.

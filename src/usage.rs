@@ -37,9 +37,10 @@ impl UsageRecorder {
     pub(crate) fn note_rate_limited(&self, key: &Arc<str>, window: Window) {
         let now = Instant::now();
         if let Some(last) = self.rate_limited_noted.get(key)
-            && now.duration_since(*last) < RATE_LIMITED_AUDIT_EVERY {
-                return;
-            }
+            && now.duration_since(*last) < RATE_LIMITED_AUDIT_EVERY
+        {
+            return;
+        }
         self.rate_limited_noted.insert(Arc::clone(key), now);
         self.push_audit(AuditEvent {
             at: Timestamp::now(),
@@ -95,12 +96,13 @@ impl UsageRecorder {
             }
         }
         if !events.is_empty()
-            && let Err(e) = store.append_audit(&events).await {
-                let mut audit = self.audit.lock().unwrap_or_else(|p| p.into_inner());
-                let newer = std::mem::replace(&mut *audit, events);
-                audit.extend(newer);
-                result = result.and(Err(e));
-            }
+            && let Err(e) = store.append_audit(&events).await
+        {
+            let mut audit = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = std::mem::replace(&mut *audit, events);
+            audit.extend(newer);
+            result = result.and(Err(e));
+        }
         result
     }
 }

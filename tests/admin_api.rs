@@ -19,11 +19,41 @@ async fn the_admin_api_is_never_open() {
     let none = gw.http.get(format!("{base}/v1/keys")).send().await.unwrap();
     assert_eq!(none.status(), 401);
     assert_eq!(none.headers()["content-type"], "application/problem+json");
-    let wrong = gw.http.get(format!("{base}/v1/keys")).bearer_auth("nope").send().await.unwrap();
+    let wrong = gw
+        .http
+        .get(format!("{base}/v1/keys"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
-    assert_eq!(gw.http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(gw.http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
-    let metrics = gw.http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        gw.http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = gw
+        .http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("keygate_requests_total"));
 }
 
@@ -41,7 +71,10 @@ async fn create_validates_and_enforces_name_rules() {
     assert!(secret.starts_with("kg_") && secret.len() == 41);
     assert_eq!(key["prefix"], &secret[..12]);
     assert_eq!(key["status"], "active");
-    assert_eq!(key["rate_limit"], json!({"per_minute": 100, "per_second": 10}));
+    assert_eq!(
+        key["rate_limit"],
+        json!({"per_minute": 100, "per_second": 10})
+    );
     assert_eq!(key["metadata"], json!({"env": "prod"}));
     // The secret is shown once: never again.
     let shown = gw.get_key(&id(&key)).await;
@@ -52,16 +85,34 @@ async fn create_validates_and_enforces_name_rules() {
         (json!({"name": "ab", "owner": "team-a"}), "name"),
         (json!({"owner": "team-a"}), "name"),
         (json!({"name": "valid-name"}), "owner"),
-        (json!({"name": "valid-name", "owner": "team-a", "expires_in": "2d"}), "expires_in"),
-        (json!({"name": "valid-name", "owner": "team-a", "expires_at": "2001-01-01T00:00:00Z"}), "expires_at"),
-        (json!({"name": "valid-name", "owner": "team-a", "colour": "red"}), "colour"),
-        (json!({"name": "valid-name", "owner": "team-a", "rate_limit": {"per_minute": 0}}), "rate_limit.per_minute"),
-        (json!({"name": "valid-name", "owner": "team-a", "rate_limit": {"per_minute": "many"}}), "rate_limit.per_minute"),
+        (
+            json!({"name": "valid-name", "owner": "team-a", "expires_in": "2d"}),
+            "expires_in",
+        ),
+        (
+            json!({"name": "valid-name", "owner": "team-a", "expires_at": "2001-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
+        (
+            json!({"name": "valid-name", "owner": "team-a", "colour": "red"}),
+            "colour",
+        ),
+        (
+            json!({"name": "valid-name", "owner": "team-a", "rate_limit": {"per_minute": 0}}),
+            "rate_limit.per_minute",
+        ),
+        (
+            json!({"name": "valid-name", "owner": "team-a", "rate_limit": {"per_minute": "many"}}),
+            "rate_limit.per_minute",
+        ),
     ] {
         let (status, problem) = gw.admin(Method::POST, "/v1/keys", Some(body.clone())).await;
         assert_eq!(status, 422, "{body} → {problem}");
         assert_eq!(problem["field"], field, "{body} → {problem}");
-        assert!(problem["detail"].as_str().unwrap().contains(field), "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(field),
+            "{problem}"
+        );
     }
     let broken = gw
         .http
@@ -74,18 +125,41 @@ async fn create_validates_and_enforces_name_rules() {
     assert_eq!(broken.status(), 400);
 
     // Unique per owner among non-revoked keys.
-    let (status, problem) = gw.admin(Method::POST, "/v1/keys", Some(json!({"name": "deploy-bot", "owner": "team-a"}))).await;
+    let (status, problem) = gw
+        .admin(
+            Method::POST,
+            "/v1/keys",
+            Some(json!({"name": "deploy-bot", "owner": "team-a"})),
+        )
+        .await;
     assert_eq!((status, problem["code"].as_str()), (409, Some("conflict")));
-    gw.create_key(json!({"name": "deploy-bot", "owner": "team-b"})).await;
+    gw.create_key(json!({"name": "deploy-bot", "owner": "team-b"}))
+        .await;
     // max_per_owner is 3.
-    gw.create_key(json!({"name": "second", "owner": "team-a"})).await;
-    let (third, _) = gw.create_key(json!({"name": "third", "owner": "team-a"})).await;
-    let (status, problem) = gw.admin(Method::POST, "/v1/keys", Some(json!({"name": "fourth", "owner": "team-a"}))).await;
+    gw.create_key(json!({"name": "second", "owner": "team-a"}))
+        .await;
+    let (third, _) = gw
+        .create_key(json!({"name": "third", "owner": "team-a"}))
+        .await;
+    let (status, problem) = gw
+        .admin(
+            Method::POST,
+            "/v1/keys",
+            Some(json!({"name": "fourth", "owner": "team-a"})),
+        )
+        .await;
     assert_eq!(status, 409, "{problem}");
-    assert!(problem["detail"].as_str().unwrap().contains("max_per_owner"));
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_per_owner")
+    );
     // Revoking frees both the slot and the name.
-    gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&third)), None).await;
-    gw.create_key(json!({"name": "third", "owner": "team-a"})).await;
+    gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&third)), None)
+        .await;
+    gw.create_key(json!({"name": "third", "owner": "team-a"}))
+        .await;
 }
 
 /// List filters by status, owner and search text; show, edit, revoke behave as the SPEC says.
@@ -93,13 +167,27 @@ async fn create_validates_and_enforces_name_rules() {
 async fn list_show_edit_and_revoke() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream, "").await;
-    let (a, _) = gw.create_key(json!({"name": "billing-sync", "owner": "team-a", "description": "Nightly ledger"})).await;
-    let (b, _) = gw.create_key(json!({"name": "search-api", "owner": "team-b", "expires_in": "7d"})).await;
-    let (c, _) = gw.create_key(json!({"name": "old-one", "owner": "team-a"})).await;
-    gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&c)), None).await;
+    let (a, _) = gw
+        .create_key(
+            json!({"name": "billing-sync", "owner": "team-a", "description": "Nightly ledger"}),
+        )
+        .await;
+    let (b, _) = gw
+        .create_key(json!({"name": "search-api", "owner": "team-b", "expires_in": "7d"}))
+        .await;
+    let (c, _) = gw
+        .create_key(json!({"name": "old-one", "owner": "team-a"}))
+        .await;
+    gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&c)), None)
+        .await;
 
     let names = |list: Value| -> Vec<String> {
-        list["keys"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap().to_string()).collect()
+        list["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap().to_string())
+            .collect()
     };
     let (_, all) = gw.admin(Method::GET, "/v1/keys", None).await;
     assert_eq!(names(all), ["billing-sync", "search-api", "old-one"]);
@@ -107,46 +195,77 @@ async fn list_show_edit_and_revoke() {
     assert_eq!(names(list), ["billing-sync", "old-one"]);
     let (_, list) = gw.admin(Method::GET, "/v1/keys?status=revoked", None).await;
     assert_eq!(names(list), ["old-one"]);
-    let (_, list) = gw.admin(Method::GET, "/v1/keys?status=expiring_soon", None).await;
+    let (_, list) = gw
+        .admin(Method::GET, "/v1/keys?status=expiring_soon", None)
+        .await;
     assert_eq!(names(list), ["search-api"]);
     let (_, list) = gw.admin(Method::GET, "/v1/keys?status=active", None).await;
     assert_eq!(names(list), ["billing-sync"]);
     let (_, list) = gw.admin(Method::GET, "/v1/keys?search=LEDGER", None).await;
     assert_eq!(names(list), ["billing-sync"]);
     let prefix = b["prefix"].as_str().unwrap();
-    let (_, list) = gw.admin(Method::GET, &format!("/v1/keys?search={prefix}"), None).await;
+    let (_, list) = gw
+        .admin(Method::GET, &format!("/v1/keys?search={prefix}"), None)
+        .await;
     assert_eq!(names(list), ["search-api"]);
     let (status, _) = gw.admin(Method::GET, "/v1/keys?status=sleepy", None).await;
     assert_eq!(status, 422);
 
     let (status, edited) = gw
-        .admin(Method::PATCH, &format!("/v1/keys/{}", id(&a)), Some(json!({"name": "billing-sync-2", "description": null})))
+        .admin(
+            Method::PATCH,
+            &format!("/v1/keys/{}", id(&a)),
+            Some(json!({"name": "billing-sync-2", "description": null})),
+        )
         .await;
     assert_eq!(status, 200, "{edited}");
     assert_eq!(edited["name"], "billing-sync-2");
     assert!(edited["description"].is_null());
     let (status, problem) = gw
-        .admin(Method::PATCH, &format!("/v1/keys/{}", id(&a)), Some(json!({"owner": "team-z"})))
+        .admin(
+            Method::PATCH,
+            &format!("/v1/keys/{}", id(&a)),
+            Some(json!({"owner": "team-z"})),
+        )
         .await;
     assert_eq!((status, problem["field"].as_str()), (422, Some("owner")));
     let (status, _) = gw
-        .admin(Method::PATCH, &format!("/v1/keys/{}", id(&c)), Some(json!({"name": "revived"})))
+        .admin(
+            Method::PATCH,
+            &format!("/v1/keys/{}", id(&c)),
+            Some(json!({"name": "revived"})),
+        )
         .await;
     assert_eq!(status, 409);
-    let (status, _) = gw.admin(Method::GET, "/v1/keys/key_doesnotexist", None).await;
+    let (status, _) = gw
+        .admin(Method::GET, "/v1/keys/key_doesnotexist", None)
+        .await;
     assert_eq!(status, 404);
 
     // Revocation is idempotent and keeps the first time.
-    let (s1, r1) = gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&b)), None).await;
-    let (s2, r2) = gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&b)), None).await;
+    let (s1, r1) = gw
+        .admin(Method::DELETE, &format!("/v1/keys/{}", id(&b)), None)
+        .await;
+    let (s2, r2) = gw
+        .admin(Method::DELETE, &format!("/v1/keys/{}", id(&b)), None)
+        .await;
     assert_eq!((s1, s2), (200, 200));
     assert_eq!(r1["status"], "revoked");
     assert_eq!(r1["revoked_at"], r2["revoked_at"]);
 
     let (_, audit) = gw.admin(Method::GET, "/v1/audit?limit=50", None).await;
-    let kinds: Vec<&str> = audit["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds.iter().filter(|k| **k == "created").count(), 3);
-    assert_eq!(kinds.iter().filter(|k| **k == "revoked").count(), 2, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "revoked").count(),
+        2,
+        "{kinds:?}"
+    );
     assert_eq!(kinds.iter().filter(|k| **k == "edited").count(), 1);
 }
 
@@ -161,7 +280,9 @@ async fn rotation_with_and_without_grace() {
         .await;
     assert_eq!(gw.call_with_key("/", &old_secret).await.status(), 200);
 
-    let (status, new) = gw.admin(Method::POST, &format!("/v1/keys/{}/rotate", id(&old)), None).await;
+    let (status, new) = gw
+        .admin(Method::POST, &format!("/v1/keys/{}/rotate", id(&old)), None)
+        .await;
     assert_eq!(status, 201, "{new}");
     let new_secret = new["secret"].as_str().unwrap().to_string();
     assert_ne!(new_secret, old_secret);
@@ -176,14 +297,25 @@ async fn rotation_with_and_without_grace() {
     assert_eq!(gw.call_with_key("/", &new_secret).await.status(), 200);
 
     let (status, newer) = gw
-        .admin(Method::POST, &format!("/v1/keys/{}/rotate", id(&new)), Some(json!({"grace_period": "0s"})))
+        .admin(
+            Method::POST,
+            &format!("/v1/keys/{}/rotate", id(&new)),
+            Some(json!({"grace_period": "0s"})),
+        )
         .await;
     assert_eq!(status, 201);
     let newer_secret = newer["secret"].as_str().unwrap();
-    support::problem(gw.call_with_key("/", &new_secret).await, 401, "expired_api_key").await;
+    support::problem(
+        gw.call_with_key("/", &new_secret).await,
+        401,
+        "expired_api_key",
+    )
+    .await;
     assert_eq!(gw.call_with_key("/", newer_secret).await.status(), 200);
 
-    let (_, audit) = gw.admin(Method::GET, &format!("/v1/audit?key_id={}", id(&old)), None).await;
+    let (_, audit) = gw
+        .admin(Method::GET, &format!("/v1/audit?key_id={}", id(&old)), None)
+        .await;
     let first = &audit["events"][0];
     assert_eq!(first["event"], "rotated");
     assert_eq!(first["detail"]["new_key_id"], new["id"]);

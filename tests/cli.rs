@@ -35,7 +35,11 @@ fn check_config_names_every_mistake() {
     let (code, _, stderr) = keygate(&["check-config", "-c", path.to_str().unwrap()], &[]);
     assert_eq!(code, 1);
     assert!(stderr.contains("3 problems"), "{stderr}");
-    for path in ["`cache.ttl`", "`rate_limit.per_minuet`", "`routes[0].upstream`"] {
+    for path in [
+        "`cache.ttl`",
+        "`rate_limit.per_minuet`",
+        "`routes[0].upstream`",
+    ] {
         assert!(stderr.contains(path), "{path} not named in:\n{stderr}");
     }
     assert!(stderr.contains("soon") && stderr.contains("localhost:3000"));
@@ -58,27 +62,52 @@ async fn key_lifecycle_through_the_cli_with_a_generated_token() {
     let upstream = Upstream::start().await;
     let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let dir = tmp.path().to_path_buf();
-    let yaml = support::config_yaml(&upstream.url(), &dir, "")
-        .replace(&format!("  token: {}\n", support::ADMIN_TOKEN), "  token: ${KEYGATE_ADMIN_TOKEN}\n");
+    let yaml = support::config_yaml(&upstream.url(), &dir, "").replace(
+        &format!("  token: {}\n", support::ADMIN_TOKEN),
+        "  token: ${KEYGATE_ADMIN_TOKEN}\n",
+    );
     let gw = Gateway::start_with(&dir, &yaml, Some(tmp), &[]).await;
     let token_file = dir.join("admin.token");
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let token = std::fs::read_to_string(&token_file).unwrap();
-    assert!(!gw.logs().contains(token.trim()), "the admin token was logged");
+    assert!(
+        !gw.logs().contains(token.trim()),
+        "the admin token was logged"
+    );
 
     let config = dir.join("keygate.yaml");
     let admin_url = format!("http://{}", gw.admin);
-    let base = ["keys", "-c", config.to_str().unwrap(), "--admin-url", admin_url.as_str()];
+    let base = [
+        "keys",
+        "-c",
+        config.to_str().unwrap(),
+        "--admin-url",
+        admin_url.as_str(),
+    ];
     let run = |extra: &[&str]| {
         let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
         keygate(&args, &[])
     };
 
-    let (code, stdout, stderr) = run(&["create", "--name", "cli-key", "--owner", "team-a", "--per-minute", "30", "--meta", "env=dev"]);
+    let (code, stdout, stderr) = run(&[
+        "create",
+        "--name",
+        "cli-key",
+        "--owner",
+        "team-a",
+        "--per-minute",
+        "30",
+        "--meta",
+        "env=dev",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("shown only once"));
-    let secret = stdout.split_whitespace().find(|w| w.starts_with("kg_")).unwrap().to_string();
+    let secret = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("kg_"))
+        .unwrap()
+        .to_string();
     gw.remember_secret(&secret);
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
 
@@ -103,7 +132,11 @@ async fn key_lifecycle_through_the_cli_with_a_generated_token() {
 
     let (code, stdout, _) = run(&["rotate", &id, "--grace", "0s"]);
     assert_eq!(code, 0);
-    let rotated = stdout.split_whitespace().find(|w| w.starts_with("kg_")).unwrap().to_string();
+    let rotated = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("kg_"))
+        .unwrap()
+        .to_string();
     gw.remember_secret(&rotated);
     assert_eq!(gw.call_with_key("/", &rotated).await.status(), 200);
     support::problem(gw.call_with_key("/", &secret).await, 401, "expired_api_key").await;

@@ -55,13 +55,19 @@ async fn shipped_defaults_hold_over_a_minute_and_a_half() {
     );
     assert!((45..=52).contains(&wait), "Retry-After {wait}");
     assert_eq!(headers["x-ratelimit-remaining"], "0");
-    assert_eq!(headers["ratelimit-policy"], "\"minute\";q=100;w=60, \"second\";q=10;w=1");
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"minute\";q=100;w=60, \"second\";q=10;w=1"
+    );
 
     // One second short of Retry-After the key is still refused; after it, allowed again.
     let refused_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(wait - 1)).await;
     problem(gw.call_with_key("/", &secret).await, 429, "rate_limited").await;
-    tokio::time::sleep((refused_at + Duration::from_secs(wait)).saturating_duration_since(Instant::now())).await;
+    tokio::time::sleep(
+        (refused_at + Duration::from_secs(wait)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     let response = gw.call_with_key("/", &secret).await;
     assert_eq!(response.status(), 200);
     allowed.push(start.elapsed());
@@ -78,9 +84,18 @@ async fn shipped_defaults_hold_over_a_minute_and_a_half() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (i, &t) in allowed.iter().enumerate() {
-        let in_minute = allowed[i..].iter().take_while(|&&u| u < t + Duration::from_secs(60)).count();
-        let in_second = allowed[i..].iter().take_while(|&&u| u < t + Duration::from_secs(1)).count();
-        assert!(in_minute <= 100, "{in_minute} allowed in the 60 s from {t:?}");
+        let in_minute = allowed[i..]
+            .iter()
+            .take_while(|&&u| u < t + Duration::from_secs(60))
+            .count();
+        let in_second = allowed[i..]
+            .iter()
+            .take_while(|&&u| u < t + Duration::from_secs(1))
+            .count();
+        assert!(
+            in_minute <= 100,
+            "{in_minute} allowed in the 60 s from {t:?}"
+        );
         assert!(in_second <= 10, "{in_second} allowed in the 1 s from {t:?}");
     }
 }
@@ -97,7 +112,10 @@ async fn a_key_with_its_own_limits_follows_them() {
     let (_, default_secret) = gw.create_simple_key("loose").await;
 
     let first = gw.call_with_key("/", &secret).await;
-    assert_eq!(first.headers()["ratelimit-policy"], "\"minute\";q=4;w=60, \"second\";q=2;w=1");
+    assert_eq!(
+        first.headers()["ratelimit-policy"],
+        "\"minute\";q=4;w=60, \"second\";q=2;w=1"
+    );
     assert_eq!(first.headers()["x-ratelimit-remaining"], "3");
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     let (headers, _) = problem(gw.call_with_key("/", &secret).await, 429, "rate_limited").await;
@@ -115,9 +133,18 @@ async fn a_key_with_its_own_limits_follows_them() {
     // Being refused is recorded in the audit log.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, audit) = gw
-        .admin(reqwest::Method::GET, &format!("/v1/audit?key_id={}", key["id"].as_str().unwrap()), None)
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/audit?key_id={}", key["id"].as_str().unwrap()),
+            None,
+        )
         .await;
-    let events: Vec<&str> = audit["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let events: Vec<&str> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert!(events.contains(&"rate_limited"), "{events:?}");
 }
 
@@ -140,7 +167,10 @@ async fn concurrent_burst_lets_exactly_the_limit_through() {
     for task in tasks {
         statuses.push(task.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 7, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        7,
+        "{statuses:?}"
+    );
     assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 23);
 }
-

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use jiff::{SignedDuration, Timestamp};
 use keygate::credential;
 use keygate::key::{KeyRecord, new_id};
-use keygate::store::{AuditEvent, AuditKind, KeyFilter, SqliteStore, Store, StoreError, UsageRecord};
+use keygate::store::{
+    AuditEvent, AuditKind, KeyFilter, SqliteStore, Store, StoreError, UsageRecord,
+};
 use serde_json::json;
 
 fn record(name: &str, owner: &str) -> (KeyRecord, String) {
@@ -40,14 +42,24 @@ async fn conformance(store: Arc<dyn Store>) {
     // Insert, then find by digest and by id, exactly as stored.
     let (a, secret) = record("alpha", "team-a");
     store.insert_key(&a, 3).await.unwrap();
-    assert_eq!(store.key_by_hash(&credential::digest(&secret)).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(
+        store
+            .key_by_hash(&credential::digest(&secret))
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&a)
+    );
     assert_eq!(store.key_by_id(&a.id).await.unwrap().as_ref(), Some(&a));
     assert!(store.key_by_hash(&[7; 32]).await.unwrap().is_none());
     assert!(store.key_by_id("key_missing").await.unwrap().is_none());
 
     // Names are unique per owner among non-revoked keys; owners are separate.
     let (dup, _) = record("alpha", "team-a");
-    assert!(matches!(store.insert_key(&dup, 3).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.insert_key(&dup, 3).await,
+        Err(StoreError::Conflict(_))
+    ));
     let (other_owner, _) = record("alpha", "team-b");
     store.insert_key(&other_owner, 3).await.unwrap();
 
@@ -57,7 +69,10 @@ async fn conformance(store: Arc<dyn Store>) {
     let (d, _) = record("delta", "team-a");
     store.insert_key(&b, 3).await.unwrap();
     store.insert_key(&c, 3).await.unwrap();
-    assert!(matches!(store.insert_key(&d, 3).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.insert_key(&d, 3).await,
+        Err(StoreError::Conflict(_))
+    ));
     let revoked = store.revoke_key(&c.id, now).await.unwrap();
     assert!(revoked.revoked_at.is_some());
     store.insert_key(&d, 3).await.unwrap();
@@ -66,49 +81,133 @@ async fn conformance(store: Arc<dyn Store>) {
     let later = now + SignedDuration::from_secs(60);
     let again = store.revoke_key(&c.id, later).await.unwrap();
     assert_eq!(again.revoked_at, revoked.revoked_at);
-    assert!(matches!(store.revoke_key("key_missing", now).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.revoke_key("key_missing", now).await,
+        Err(StoreError::NotFound)
+    ));
 
     // Edits: rename, clear the description; conflicts on a taken name or a revoked key.
-    let edited = store.edit_key(&b.id, Some("beta-2"), Some(None), now).await.unwrap();
-    assert_eq!((edited.name.as_str(), edited.description.as_ref()), ("beta-2", None));
-    assert_eq!(store.key_by_id(&b.id).await.unwrap().unwrap().name, "beta-2");
-    assert!(matches!(store.edit_key(&b.id, Some("alpha"), None, now).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.edit_key(&c.id, Some("zeta"), None, now).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.edit_key("key_missing", Some("zeta"), None, now).await, Err(StoreError::NotFound)));
+    let edited = store
+        .edit_key(&b.id, Some("beta-2"), Some(None), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (edited.name.as_str(), edited.description.as_ref()),
+        ("beta-2", None)
+    );
+    assert_eq!(
+        store.key_by_id(&b.id).await.unwrap().unwrap().name,
+        "beta-2"
+    );
+    assert!(matches!(
+        store.edit_key(&b.id, Some("alpha"), None, now).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.edit_key(&c.id, Some("zeta"), None, now).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.edit_key("key_missing", Some("zeta"), None, now).await,
+        Err(StoreError::NotFound)
+    ));
 
     // Rotation: the replacement shares the name; the old key's expiry is the earlier one.
     let (mut new, new_secret) = record("alpha", "team-a");
     new.family = a.family.clone();
     let grace_end = now + SignedDuration::from_hours(24);
     let old = store.rotate_key(&a.id, &new, grace_end).await.unwrap();
-    assert_eq!(old.expires_at.map(|t| t.as_millisecond()), Some(grace_end.as_millisecond()));
-    assert_eq!(store.key_by_hash(&credential::digest(&new_secret)).await.unwrap().unwrap().name, "alpha");
-    assert!(matches!(store.rotate_key(&c.id, &record("x-y-z", "team-a").0, now).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.rotate_key("key_missing", &record("x-y-z", "team-a").0, now).await, Err(StoreError::NotFound)));
+    assert_eq!(
+        old.expires_at.map(|t| t.as_millisecond()),
+        Some(grace_end.as_millisecond())
+    );
+    assert_eq!(
+        store
+            .key_by_hash(&credential::digest(&new_secret))
+            .await
+            .unwrap()
+            .unwrap()
+            .name,
+        "alpha"
+    );
+    assert!(matches!(
+        store
+            .rotate_key(&c.id, &record("x-y-z", "team-a").0, now)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store
+            .rotate_key("key_missing", &record("x-y-z", "team-a").0, now)
+            .await,
+        Err(StoreError::NotFound)
+    ));
 
     // Listing: by owner, and by search text in name, description or prefix (% and _ literal).
     let all = store.list_keys(&KeyFilter::default()).await.unwrap();
     assert_eq!(all.len(), 6);
-    let team_b = store.list_keys(&KeyFilter { owner: Some("team-b".into()), search: None }).await.unwrap();
+    let team_b = store
+        .list_keys(&KeyFilter {
+            owner: Some("team-b".into()),
+            search: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(team_b.len(), 1);
-    let found = store.list_keys(&KeyFilter { owner: None, search: Some("GAMMA".into()) }).await.unwrap();
+    let found = store
+        .list_keys(&KeyFilter {
+            owner: None,
+            search: Some("GAMMA".into()),
+        })
+        .await
+        .unwrap();
     assert_eq!(found.len(), 1);
-    let literal = store.list_keys(&KeyFilter { owner: None, search: Some("0%_d".into()) }).await.unwrap();
-    assert_eq!(literal.len(), 5, "all but the key whose description was cleared");
-    let none = store.list_keys(&KeyFilter { owner: None, search: Some("1%x".into()) }).await.unwrap();
+    let literal = store
+        .list_keys(&KeyFilter {
+            owner: None,
+            search: Some("0%_d".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        literal.len(),
+        5,
+        "all but the key whose description was cleared"
+    );
+    let none = store
+        .list_keys(&KeyFilter {
+            owner: None,
+            search: Some("1%x".into()),
+        })
+        .await
+        .unwrap();
     assert!(none.is_empty());
-    let by_prefix = store.list_keys(&KeyFilter { owner: None, search: Some(d.prefix.clone()) }).await.unwrap();
+    let by_prefix = store
+        .list_keys(&KeyFilter {
+            owner: None,
+            search: Some(d.prefix.clone()),
+        })
+        .await
+        .unwrap();
     assert_eq!(by_prefix[0].id, d.id);
 
     // Usage: the latest wins, whatever order it arrives in.
     let t1 = Timestamp::from_millisecond(now.as_millisecond()).unwrap();
     let t2 = t1 + SignedDuration::from_secs(5);
     store
-        .record_usage(&[UsageRecord { key_id: b.id.clone(), at: t2, ip: "192.0.2.2".parse().unwrap() }])
+        .record_usage(&[UsageRecord {
+            key_id: b.id.clone(),
+            at: t2,
+            ip: "192.0.2.2".parse().unwrap(),
+        }])
         .await
         .unwrap();
     store
-        .record_usage(&[UsageRecord { key_id: b.id.clone(), at: t1, ip: "192.0.2.1".parse().unwrap() }])
+        .record_usage(&[UsageRecord {
+            key_id: b.id.clone(),
+            at: t1,
+            ip: "192.0.2.1".parse().unwrap(),
+        }])
         .await
         .unwrap();
     let used = store.key_by_id(&b.id).await.unwrap().unwrap();
@@ -119,7 +218,11 @@ async fn conformance(store: Arc<dyn Store>) {
     let events: Vec<AuditEvent> = (0..5)
         .map(|i| AuditEvent {
             at: t1 + SignedDuration::from_secs(i),
-            kind: if i % 2 == 0 { AuditKind::Created } else { AuditKind::RateLimited },
+            kind: if i % 2 == 0 {
+                AuditKind::Created
+            } else {
+                AuditKind::RateLimited
+            },
             key_id: if i < 4 { a.id.clone() } else { b.id.clone() },
             detail: json!({ "i": i }),
         })
@@ -141,5 +244,12 @@ async fn sqlite_store_conforms_and_persists() {
     let path = dir.path().join("nested/dir/keygate.db");
     conformance(Arc::new(SqliteStore::open(&path).unwrap())).await;
     let reopened = SqliteStore::open(&path).unwrap();
-    assert_eq!(reopened.list_keys(&KeyFilter::default()).await.unwrap().len(), 6);
+    assert_eq!(
+        reopened
+            .list_keys(&KeyFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
 }

@@ -91,6 +91,14 @@ async fn audit_event(gw: &Gateway, kind: AuditKind, key_id: &str, detail: Value)
     }
 }
 
+/// A new secret, its digest and its display prefix.
+fn new_secret(gw: &Gateway) -> (String, [u8; 32], String) {
+    let secret = credential::generate(&gw.config.keys.prefix);
+    let hash = credential::digest(&secret);
+    let prefix = credential::display_prefix(&secret).to_string();
+    (secret, hash, prefix)
+}
+
 fn with_secret(mut body: Value, secret: &str) -> Value {
     body["secret"] = Value::String(secret.to_string());
     body
@@ -141,13 +149,13 @@ async fn create(
         key::validate_limit("rate_limit.per_second", n)?;
     }
 
-    let secret = credential::generate(&gw.config.keys.prefix);
+    let (secret, hash, prefix) = new_secret(gw);
     let id = key::new_id();
     let record = KeyRecord {
         family: id.clone(),
         id,
-        hash: credential::digest(&secret),
-        prefix: credential::display_prefix(&secret).to_string(),
+        hash,
+        prefix,
         name: input.name,
         description: input.description,
         owner: input.owner,
@@ -314,11 +322,11 @@ async fn rotate(
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("no key with id `{id}`")))?;
     let now = Timestamp::now();
-    let secret = credential::generate(&gw.config.keys.prefix);
+    let (secret, hash, prefix) = new_secret(gw);
     let new = KeyRecord {
         id: key::new_id(),
-        hash: credential::digest(&secret),
-        prefix: credential::display_prefix(&secret).to_string(),
+        hash,
+        prefix,
         created_at: now,
         revoked_at: None,
         last_used_at: None,

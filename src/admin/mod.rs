@@ -13,9 +13,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::gateway::{Gateway, error_chain};
+use crate::error_chain;
+use crate::gateway::Gateway;
 use crate::key::Invalid;
-use crate::problem::problem_response;
+use crate::problem::{problem_response, problem_with_field};
 use crate::store::StoreError;
 
 /// Largest admin request body accepted.
@@ -91,16 +92,13 @@ impl AdminError {
             AdminError::StoreUnavailable(_) => "The key store is unreachable. Retry later.".into(),
             other => other.to_string(),
         };
-        let mut response = problem_response(status, code, title, &detail);
+        // A validation problem names its field as a member of its own too, for scripts.
+        let field = match self {
+            AdminError::Invalid(invalid) => Some(invalid.field.as_str()),
+            _ => None,
+        };
+        let mut response = problem_with_field(status, code, title, &detail, field);
         match self {
-            AdminError::Invalid(invalid) => {
-                // Name the field as a member of its own too, for scripts.
-                let mut body: Value =
-                    serde_json::from_slice(&problem_body(&detail, status, code, title))
-                        .unwrap_or_default();
-                body["field"] = Value::String(invalid.field.clone());
-                *response.body_mut() = Full::new(Bytes::from(body.to_string()));
-            }
             AdminError::Unauthorized => {
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
@@ -112,7 +110,8 @@ impl AdminError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
-            AdminError::NotFound(_)
+            AdminError::Invalid(_)
+            | AdminError::NotFound(_)
             | AdminError::MethodNotAllowed
             | AdminError::BadRequest(_)
             | AdminError::PayloadTooLarge
@@ -120,14 +119,6 @@ impl AdminError {
         }
         response
     }
-}
-
-fn problem_body(detail: &str, status: StatusCode, code: &str, title: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "type": format!("urn:keygate:problem:{code}"),
-        "title": title, "status": status.as_u16(), "detail": detail, "code": code,
-    }))
-    .unwrap_or_default()
 }
 
 /// The admin API of one gateway.
