@@ -41,10 +41,11 @@ pub(crate) enum GatewayError {
     BadRequest(&'static str),
 }
 
-/// The label of `keygate_requests_total{outcome}` for a request.
+/// The label of `keygate_requests_total{outcome}` for a request. The discriminant is the
+/// outcome's index in [`Outcome::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Forwarded,
+    Forwarded = 0,
     Unauthorized,
     RateLimited,
     NoRoute,
@@ -65,6 +66,11 @@ impl Outcome {
         Outcome::UpstreamTimeout,
         Outcome::StoreUnavailable,
     ];
+
+    /// Position in [`Outcome::ALL`], for arrays of per-outcome metrics.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -391,6 +397,13 @@ mod tests {
             "bad_request",
             None,
         );
+    }
+
+    #[test]
+    fn outcome_index_is_its_place_in_all() {
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(outcome.index(), i, "{outcome:?}");
+        }
     }
 
     #[test]

@@ -136,7 +136,8 @@ pub async fn run(
     let store = open_store(&config)?;
     let (token, token_file) = admin_token(&config, true)?;
     if let Some(path) = token_file {
-        tracing::info!(path = %path.display(), "admin token read from file");
+        // The path, never the token: the CLI reads the token from there.
+        tracing::info!(path = %path.display(), "admin token file (generated at first start)");
     }
     let gateway =
         Arc::new(Gateway::new(Arc::clone(&config), store).map_err(ServeError::Unsupported)?);

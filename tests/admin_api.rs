@@ -4,10 +4,10 @@ mod support;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{Gateway, Upstream};
+use support::{Gateway, Upstream, key_id};
 
 fn id(key: &Value) -> String {
-    key["id"].as_str().unwrap().to_string()
+    key_id(key).to_string()
 }
 
 /// Without the admin token every /v1 call is 401; health and metrics need none.
@@ -156,8 +156,7 @@ async fn create_validates_and_enforces_name_rules() {
             .contains("max_per_owner")
     );
     // Revoking frees both the slot and the name.
-    gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&third)), None)
-        .await;
+    assert_eq!(gw.revoke(&id(&third)).await.0, 200);
     gw.create_key(json!({"name": "third", "owner": "team-a"}))
         .await;
 }
@@ -178,8 +177,7 @@ async fn list_show_edit_and_revoke() {
     let (c, _) = gw
         .create_key(json!({"name": "old-one", "owner": "team-a"}))
         .await;
-    gw.admin(Method::DELETE, &format!("/v1/keys/{}", id(&c)), None)
-        .await;
+    assert_eq!(gw.revoke(&id(&c)).await.0, 200);
 
     let names = |list: Value| -> Vec<String> {
         list["keys"]
@@ -243,30 +241,20 @@ async fn list_show_edit_and_revoke() {
     assert_eq!(status, 404);
 
     // Revocation is idempotent and keeps the first time.
-    let (s1, r1) = gw
-        .admin(Method::DELETE, &format!("/v1/keys/{}", id(&b)), None)
-        .await;
-    let (s2, r2) = gw
-        .admin(Method::DELETE, &format!("/v1/keys/{}", id(&b)), None)
-        .await;
+    let (s1, r1) = gw.revoke(&id(&b)).await;
+    let (s2, r2) = gw.revoke(&id(&b)).await;
     assert_eq!((s1, s2), (200, 200));
     assert_eq!(r1["status"], "revoked");
     assert_eq!(r1["revoked_at"], r2["revoked_at"]);
 
-    let (_, audit) = gw.admin(Method::GET, "/v1/audit?limit=50", None).await;
-    let kinds: Vec<&str> = audit["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["event"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "created").count(), 3);
+    let kinds = gw.audit_events("?limit=50").await;
+    assert_eq!(kinds.iter().filter(|k| *k == "created").count(), 3);
     assert_eq!(
-        kinds.iter().filter(|k| **k == "revoked").count(),
+        kinds.iter().filter(|k| *k == "revoked").count(),
         2,
         "{kinds:?}"
     );
-    assert_eq!(kinds.iter().filter(|k| **k == "edited").count(), 1);
+    assert_eq!(kinds.iter().filter(|k| *k == "edited").count(), 1);
 }
 
 /// Rotation gives a new key with the same name, owner and limits; the old one keeps working

@@ -22,6 +22,15 @@ fn keygate(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// The secret a `keys create` or `keys rotate` printed.
+fn secret_in(stdout: &str) -> String {
+    stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("kg_"))
+        .unwrap_or_else(|| panic!("no secret in:\n{stdout}"))
+        .to_string()
+}
+
 /// A config with three mistakes: check-config names all three by path and exits 1.
 #[test]
 fn check_config_names_every_mistake() {
@@ -103,11 +112,7 @@ async fn key_lifecycle_through_the_cli_with_a_generated_token() {
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("shown only once"));
-    let secret = stdout
-        .split_whitespace()
-        .find(|w| w.starts_with("kg_"))
-        .unwrap()
-        .to_string();
+    let secret = secret_in(&stdout);
     gw.remember_secret(&secret);
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
 
@@ -132,11 +137,7 @@ async fn key_lifecycle_through_the_cli_with_a_generated_token() {
 
     let (code, stdout, _) = run(&["rotate", &id, "--grace", "0s"]);
     assert_eq!(code, 0);
-    let rotated = stdout
-        .split_whitespace()
-        .find(|w| w.starts_with("kg_"))
-        .unwrap()
-        .to_string();
+    let rotated = secret_in(&stdout);
     gw.remember_secret(&rotated);
     assert_eq!(gw.call_with_key("/", &rotated).await.status(), 200);
     support::problem(gw.call_with_key("/", &secret).await, 401, "expired_api_key").await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use support::{Gateway, Upstream, memory_kib, problem};
+use support::{Gateway, Upstream, key_id, memory_kib, problem, retry_after};
 
 /// Each kind of bad credential gets 401 with its own problem code and a Bearer challenge.
 #[tokio::test]
@@ -90,14 +90,7 @@ async fn every_bad_credential_gets_401_with_its_code() {
     // Revoked: refused on the very next request, though the key was cached.
     let (key, revoked) = gw.create_simple_key("to-revoke").await;
     assert_eq!(gw.call_with_key("/x", &revoked).await.status(), 200);
-    let (status, _) = gw
-        .admin(
-            reqwest::Method::DELETE,
-            &format!("/v1/keys/{}", key["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    assert_eq!(gw.revoke(key_id(&key)).await.0, 200);
     problem(
         gw.call_with_key("/x", &revoked).await,
         401,
@@ -177,7 +170,7 @@ async fn trusted_proxies_are_believed_and_usage_is_recorded() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream, "trusted_proxies: [127.0.0.0/8]\n").await;
     let (key, secret) = gw.create_simple_key("behind-proxy").await;
-    let id = key["id"].as_str().unwrap();
+    let id = key_id(&key);
     assert!(gw.get_key(id).await["last_used_at"].is_null());
     let seen: Value = gw
         .http
@@ -349,8 +342,7 @@ async fn repeated_failed_authentication_is_throttled_per_ip() {
         "too_many_failed_attempts",
     )
     .await;
-    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!(retry >= 1);
+    assert!(retry_after(&headers) >= 1);
     problem(
         gw.call_with_key("/", &secret).await,
         429,
@@ -414,7 +406,7 @@ async fn keys_survive_a_restart() {
 
     let gw = Gateway::start_with(&dir, &yaml, Some(tmp), &[]).await;
     gw.remember_secret(&secret);
-    let stored = gw.get_key(key["id"].as_str().unwrap()).await;
+    let stored = gw.get_key(key_id(&key)).await;
     assert_eq!(stored["name"], "durable");
     assert_eq!(stored["last_used_ip"], "127.0.0.1");
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);

@@ -325,6 +325,26 @@ impl Gateway {
         key
     }
 
+    /// Revokes a key through the admin API.
+    pub async fn revoke(&self, id: &str) -> (u16, Value) {
+        self.admin(reqwest::Method::DELETE, &format!("/v1/keys/{id}"), None)
+            .await
+    }
+
+    /// The kinds of the audit events `query` selects (e.g. `?key_id=...`), newest first.
+    pub async fn audit_events(&self, query: &str) -> Vec<String> {
+        let (status, audit) = self
+            .admin(reqwest::Method::GET, &format!("/v1/audit{query}"), None)
+            .await;
+        assert_eq!(status, 200, "{audit}");
+        audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// A GET through the gateway with the key in X-API-Key.
     pub async fn call_with_key(&self, path: &str, secret: &str) -> reqwest::Response {
         self.http
@@ -409,6 +429,16 @@ pub async fn problem(
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status);
     (headers, body)
+}
+
+/// The `id` of a key object.
+pub fn key_id(key: &Value) -> &str {
+    key["id"].as_str().unwrap()
+}
+
+/// The whole seconds of a `Retry-After` header.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
+    headers["retry-after"].to_str().unwrap().parse().unwrap()
 }
 
 /// Resident memory of a process in KiB (VmRSS), and its peak (VmHWM).
