@@ -18,7 +18,7 @@ use crate::config::{AuthMode, Config};
 use crate::credential::{self, CarriedBy, CredentialError};
 use crate::error_chain;
 use crate::key::Status;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::problem::{GatewayError, Outcome};
 use crate::ratelimit::{FailedAuthLimiter, Limits, LocalLimiter, RateHeaders};
 use crate::store::Store;
@@ -251,7 +251,7 @@ impl Gateway {
                 Ok(key)
             }
             Err(e) => {
-                self.metrics.store_error("key_lookup");
+                self.metrics.store_error(StoreOp::KeyLookup);
                 match stale {
                     Some(key) => {
                         tracing::debug!(key_id = %key.id, "store unreachable: serving cached key");

@@ -16,6 +16,49 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// The `reason` labels of `keygate_auth_failures_total`: the 401 problem codes.
+const AUTH_FAILURE_REASONS: [&str; 4] = [
+    "missing_api_key",
+    "invalid_api_key",
+    "expired_api_key",
+    "revoked_api_key",
+];
+
+/// The store operations `keygate_store_errors_total{op}` counts failures of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreOp {
+    /// A key looked up for a request.
+    KeyLookup,
+    /// The periodic or shutdown write of usage and data-plane audit events.
+    UsageFlush,
+    /// An audit event written by the admin API.
+    Audit,
+    /// Any other admin API call.
+    Admin,
+    /// The `/readyz` probe.
+    Ping,
+}
+
+impl StoreOp {
+    const ALL: [StoreOp; 5] = [
+        StoreOp::KeyLookup,
+        StoreOp::UsageFlush,
+        StoreOp::Audit,
+        StoreOp::Admin,
+        StoreOp::Ping,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::KeyLookup => "key_lookup",
+            StoreOp::UsageFlush => "usage_flush",
+            StoreOp::Audit => "audit",
+            StoreOp::Admin => "admin",
+            StoreOp::Ping => "ping",
+        }
+    }
+}
+
 /// Counters and histograms of one route (or of `none`), by outcome.
 #[derive(Debug)]
 pub(crate) struct RouteMetrics {
@@ -37,13 +80,16 @@ pub(crate) struct Metrics {
     registry: Registry,
     /// Indexed like the config's routes, then one more for `none`.
     pub(crate) routes: Vec<RouteMetrics>,
-    auth_failures: IntCounterVec,
+    /// Indexed like [`AUTH_FAILURE_REASONS`].
+    auth_failures: Vec<IntCounter>,
     pub(crate) rate_limited_minute: IntCounter,
     pub(crate) rate_limited_second: IntCounter,
     pub(crate) cache_hit: IntCounter,
     pub(crate) cache_miss: IntCounter,
     pub(crate) cache_negative: IntCounter,
-    store_errors: IntCounterVec,
+    /// Indexed like [`StoreOp::ALL`]; every label exists from the start, so dashboards and
+    /// alerts see zeros instead of missing series.
+    store_errors: Vec<IntCounter>,
     pub(crate) connections_active: IntGauge,
 }
 
@@ -141,24 +187,22 @@ impl Metrics {
                 upstream_duration: upstream.with_label_values(&[route]),
             })
             .collect();
-        for reason in [
-            "missing_api_key",
-            "invalid_api_key",
-            "expired_api_key",
-            "revoked_api_key",
-        ] {
-            auth_failures.with_label_values(&[reason]);
-        }
         Metrics {
             registry,
             routes,
-            auth_failures,
+            auth_failures: AUTH_FAILURE_REASONS
+                .iter()
+                .map(|reason| auth_failures.with_label_values(&[reason]))
+                .collect(),
             rate_limited_minute: rate_limited.with_label_values(&[Window::Minute.as_str()]),
             rate_limited_second: rate_limited.with_label_values(&[Window::Second.as_str()]),
             cache_hit: cache.with_label_values(&["hit"]),
             cache_miss: cache.with_label_values(&["miss"]),
             cache_negative: cache.with_label_values(&["negative"]),
-            store_errors,
+            store_errors: StoreOp::ALL
+                .iter()
+                .map(|op| store_errors.with_label_values(&[op.as_str()]))
+                .collect(),
             connections_active,
         }
     }
@@ -168,8 +212,11 @@ impl Metrics {
         &self.routes[index.unwrap_or(self.routes.len() - 1)]
     }
 
+    /// Counts a refused credential by its problem code (one of [`AUTH_FAILURE_REASONS`]).
     pub(crate) fn auth_failure(&self, code: &str) {
-        self.auth_failures.with_label_values(&[code]).inc();
+        if let Some(i) = AUTH_FAILURE_REASONS.iter().position(|r| *r == code) {
+            self.auth_failures[i].inc();
+        }
     }
 
     pub(crate) fn rate_limited(&self, window: Window) {
@@ -179,8 +226,8 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn store_error(&self, op: &str) {
-        self.store_errors.with_label_values(&[op]).inc();
+    pub(crate) fn store_error(&self, op: StoreOp) {
+        self.store_errors[op as usize].inc();
     }
 
     /// The Prometheus text exposition format.

@@ -28,6 +28,7 @@ use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::error_chain;
 use crate::gateway::Gateway;
+use crate::metrics::StoreOp;
 use crate::store::{SqliteStore, Store, StoreError};
 
 /// How often idle limiter, cache and failed-auth state is dropped.
@@ -223,7 +224,7 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = flush.tick() => {
                 if let Err(e) = gateway.usage.flush(&*gateway.store).await {
-                    gateway.metrics.store_error("usage_flush");
+                    gateway.metrics.store_error(StoreOp::UsageFlush);
                     tracing::warn!(cause = %error_chain(&e), "usage flush failed; will retry");
                 }
             }

@@ -18,6 +18,7 @@ use crate::config::duration;
 use crate::credential;
 use crate::gateway::Gateway;
 use crate::key::{self, Invalid, KeyRecord, Status};
+use crate::metrics::StoreOp;
 use crate::store::{AuditEvent, AuditKind, KeyFilter};
 
 /// Rotation grace period when none is given.
@@ -85,7 +86,7 @@ async fn audit_event(gw: &Gateway, kind: AuditKind, key_id: &str, detail: Value)
         detail,
     };
     if let Err(e) = gw.store.append_audit(std::slice::from_ref(&event)).await {
-        gw.metrics.store_error("audit");
+        gw.metrics.store_error(StoreOp::Audit);
         tracing::warn!(error = %e, "audit event kept for the next flush");
         gw.usage.push_audit(event);
     }

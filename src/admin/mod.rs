@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::error_chain;
 use crate::gateway::Gateway;
 use crate::key::Invalid;
+use crate::metrics::StoreOp;
 use crate::problem::{problem_response, problem_with_field};
 use crate::store::StoreError;
 
@@ -140,7 +141,7 @@ impl Admin {
             Ok(response) => response,
             Err(e) => {
                 if let AdminError::StoreUnavailable(cause) = &e {
-                    self.gateway.metrics.store_error("admin");
+                    self.gateway.metrics.store_error(StoreOp::Admin);
                     tracing::warn!(%method, path, cause = %error_chain(cause), "admin call failed");
                 }
                 e.response()
@@ -176,7 +177,7 @@ impl Admin {
         match self.gateway.store.ping().await {
             Ok(()) => text(StatusCode::OK, "ready\n", "text/plain"),
             Err(e) => {
-                self.gateway.metrics.store_error("ping");
+                self.gateway.metrics.store_error(StoreOp::Ping);
                 tracing::warn!(cause = %error_chain(&e), "not ready: store unreachable");
                 problem_response(
                     StatusCode::SERVICE_UNAVAILABLE,

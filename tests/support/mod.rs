@@ -357,11 +357,33 @@ impl Gateway {
 
     /// Sends SIGTERM and waits for the process to exit.
     pub fn stop(&mut self) -> ExitStatus {
+        self.terminate();
+        self.wait_exit(Duration::from_secs(40))
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        terminate(self.pid());
+    }
+
+    /// Waits for the process to exit, then checks its logs for secrets.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        terminate(child.id());
-        let status = wait_timeout(&mut child, Duration::from_secs(40));
+        let status = wait_timeout(&mut child, limit);
         self.check_no_secret_in_logs();
         status
+    }
+
+    /// The `/metrics` text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
     }
 
     fn check_no_secret_in_logs(&self) {
@@ -429,6 +451,35 @@ pub async fn problem(
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status);
     (headers, body)
+}
+
+/// The value of the sample `name{labels}` in Prometheus text format, 0 when absent.
+/// `labels` must be the sample's whole label set, in any order.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let mut have: Vec<String> = label_text
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        have.sort();
+        if have == want {
+            return value.parse().unwrap();
+        }
+    }
+    0.0
 }
 
 /// The `id` of a key object.
