@@ -69,13 +69,14 @@ fn shipped_config_is_valid() {
 async fn key_lifecycle_through_the_cli_with_a_generated_token() {
     use std::os::unix::fs::PermissionsExt;
     let upstream = Upstream::start().await;
-    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path().to_path_buf();
-    let yaml = support::config_yaml(&upstream.url(), &dir, "").replace(
-        &format!("  token: {}\n", support::ADMIN_TOKEN),
-        "  token: ${KEYGATE_ADMIN_TOKEN}\n",
-    );
-    let gw = Gateway::start_with(&dir, &yaml, Some(tmp), &[]).await;
+    let gw = Gateway::start_edited(&upstream, &[], |yaml| {
+        yaml.replace(
+            &format!("  token: {}\n", support::ADMIN_TOKEN),
+            "  token: ${KEYGATE_ADMIN_TOKEN}\n",
+        )
+    })
+    .await;
+    let dir = gw.dir.clone();
     let token_file = dir.join("admin.token");
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);

@@ -394,18 +394,13 @@ async fn large_bodies_stream_without_buffering() {
 #[tokio::test]
 async fn keys_survive_a_restart() {
     let upstream = Upstream::start().await;
-    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path().to_path_buf();
-    let yaml = support::config_yaml(&upstream.url(), &dir, "")
-        .replace("flush_interval: 200ms", "flush_interval: 1h");
-    let mut gw = Gateway::start_with(&dir, &yaml, Some(tmp.clone()), &[]).await;
+    let mut gw = Gateway::start_edited(&upstream, &[], support::hourly_usage_flush).await;
     let (key, secret) = gw.create_simple_key("durable").await;
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     // The flush interval is an hour: only the shutdown flush can have written the usage.
     assert!(gw.stop().success());
 
-    let gw = Gateway::start_with(&dir, &yaml, Some(tmp), &[]).await;
-    gw.remember_secret(&secret);
+    let gw = gw.start_again().await;
     let stored = gw.get_key(key_id(&key)).await;
     assert_eq!(stored["name"], "durable");
     assert_eq!(stored["last_used_ip"], "127.0.0.1");

@@ -11,6 +11,9 @@ use keygate::store::{SqliteStore, Store};
 use serde_json::{Value, json};
 use support::{Gateway, Upstream, key_id, problem, sample};
 
+/// A sample's label set, as `support::sample` takes it.
+type Labels<'a> = &'a [(&'a str, &'a str)];
+
 const CONFIG_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
@@ -96,81 +99,63 @@ async fn metrics_count_exactly_and_pass_promtool() {
         sample(&after, name, labels) - sample(&before, name, labels)
     };
     let requests = "keygate_requests_total";
-    assert_eq!(
-        delta(requests, &[("route", "api"), ("outcome", "forwarded")]),
-        3.0
-    );
-    assert_eq!(
-        delta(requests, &[("route", "api"), ("outcome", "rate_limited")]),
-        2.0
-    );
-    assert_eq!(
-        delta(requests, &[("route", "api"), ("outcome", "unauthorized")]),
-        4.0
-    );
-    assert_eq!(
-        delta(requests, &[("route", "none"), ("outcome", "no_route")]),
-        1.0
-    );
-    assert_eq!(
-        delta(
-            requests,
-            &[("route", "down"), ("outcome", "upstream_error")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        delta(
-            "keygate_request_duration_seconds_count",
-            &[("route", "api"), ("outcome", "forwarded")]
-        ),
-        3.0
-    );
-    assert_eq!(
-        delta(
-            "keygate_upstream_duration_seconds_count",
-            &[("route", "api")]
-        ),
-        3.0
-    );
-    assert_eq!(
-        delta(
-            "keygate_upstream_duration_seconds_count",
-            &[("route", "down")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        delta(
-            "keygate_auth_failures_total",
-            &[("reason", "missing_api_key")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        delta(
-            "keygate_auth_failures_total",
-            &[("reason", "invalid_api_key")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        delta("keygate_rate_limited_total", &[("limit", "second")]),
-        2.0
-    );
-    assert_eq!(
-        delta("keygate_rate_limited_total", &[("limit", "minute")]),
-        0.0
-    );
     // Each key's first request misses the cache; the other four of `metered` hit it.
-    assert_eq!(
-        delta("keygate_key_cache_lookups_total", &[("result", "miss")]),
-        2.0
-    );
-    assert_eq!(
-        delta("keygate_key_cache_lookups_total", &[("result", "hit")]),
-        4.0
-    );
+    let expected: &[(&str, Labels, f64)] = &[
+        (requests, &[("route", "api"), ("outcome", "forwarded")], 3.0),
+        (
+            requests,
+            &[("route", "api"), ("outcome", "rate_limited")],
+            2.0,
+        ),
+        (
+            requests,
+            &[("route", "api"), ("outcome", "unauthorized")],
+            4.0,
+        ),
+        (requests, &[("route", "none"), ("outcome", "no_route")], 1.0),
+        (
+            requests,
+            &[("route", "down"), ("outcome", "upstream_error")],
+            1.0,
+        ),
+        (
+            "keygate_request_duration_seconds_count",
+            &[("route", "api"), ("outcome", "forwarded")],
+            3.0,
+        ),
+        (
+            "keygate_upstream_duration_seconds_count",
+            &[("route", "api")],
+            3.0,
+        ),
+        (
+            "keygate_upstream_duration_seconds_count",
+            &[("route", "down")],
+            1.0,
+        ),
+        (
+            "keygate_auth_failures_total",
+            &[("reason", "missing_api_key")],
+            2.0,
+        ),
+        (
+            "keygate_auth_failures_total",
+            &[("reason", "invalid_api_key")],
+            2.0,
+        ),
+        ("keygate_rate_limited_total", &[("limit", "second")], 2.0),
+        ("keygate_rate_limited_total", &[("limit", "minute")], 0.0),
+        (
+            "keygate_key_cache_lookups_total",
+            &[("result", "miss")],
+            2.0,
+        ),
+        ("keygate_key_cache_lookups_total", &[("result", "hit")], 4.0),
+        ("keygate_store_errors_total", &[("op", "key_lookup")], 0.0),
+    ];
+    for (name, labels, want) in expected {
+        assert_eq!(delta(name, labels), *want, "{name}{labels:?}");
+    }
     assert!(sample(&after, "keygate_connections_active", &[]) >= 0.0);
     assert!(after.contains("# TYPE keygate_connections_active gauge"));
 
@@ -242,12 +227,7 @@ async fn dashboard_and_alerts_query_only_metrics_that_exist() {
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish() {
     let upstream = Upstream::start().await;
-    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path().to_path_buf();
-    // Only the shutdown flush can write usage: the periodic one is an hour away.
-    let yaml = support::config_yaml(&upstream.url(), &dir, "")
-        .replace("flush_interval: 200ms", "flush_interval: 1h");
-    let mut gw = Gateway::start_with(&dir, &yaml, Some(tmp), &[]).await;
+    let mut gw = Gateway::start_edited(&upstream, &[], support::hourly_usage_flush).await;
     let (key, secret) = gw
         .create_key(
             json!({"name": "in-flight", "owner": "team-a", "rate_limit": {"per_second": 100}}),
@@ -327,10 +307,7 @@ async fn shutdown_timeout_cuts_what_is_left() {
 #[tokio::test]
 async fn json_logs_parse_and_never_hold_a_secret() {
     let upstream = Upstream::start().await;
-    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path().to_path_buf();
-    let yaml = support::config_yaml(&upstream.url(), &dir, "");
-    let mut gw = Gateway::start_with(&dir, &yaml, Some(tmp), &["--log-format", "json"]).await;
+    let mut gw = Gateway::start_edited(&upstream, &["--log-format", "json"], |yaml| yaml).await;
 
     let (key, secret) = gw.create_simple_key("json-logged").await;
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);

@@ -168,6 +168,11 @@ pub fn config_yaml(upstream: &str, dir: &Path, extra: &str) -> String {
     text
 }
 
+/// A config edit: usage is flushed hourly, so only the shutdown flush can write it in a test.
+pub fn hourly_usage_flush(yaml: String) -> String {
+    yaml.replace("flush_interval: 200ms", "flush_interval: 1h")
+}
+
 /// A running `keygate serve` process.
 pub struct Gateway {
     child: Option<Child>,
@@ -191,6 +196,31 @@ impl Gateway {
         let dir = tmp.path().to_path_buf();
         let yaml = config_yaml(&upstream.url(), &dir, extra);
         Gateway::start_with(&dir, &yaml, Some(tmp), &[]).await
+    }
+
+    /// Starts a gateway with a fresh store, its test config changed by `edit`, and extra
+    /// `serve` arguments.
+    pub async fn start_edited(
+        upstream: &Upstream,
+        args: &[&str],
+        edit: impl FnOnce(String) -> String,
+    ) -> Gateway {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let dir = tmp.path().to_path_buf();
+        let yaml = edit(config_yaml(&upstream.url(), &dir, ""));
+        Gateway::start_with(&dir, &yaml, Some(tmp), args).await
+    }
+
+    /// Starts this (stopped) gateway again on the same config and store; the secrets it knew
+    /// are still checked against the new process's logs.
+    pub async fn start_again(&self) -> Gateway {
+        assert!(self.child.is_none(), "stop the gateway first");
+        let yaml = std::fs::read_to_string(self.dir.join("keygate.yaml")).unwrap();
+        let again = Gateway::start_with(&self.dir, &yaml, self._tmp.clone(), &[]).await;
+        for secret in self.secrets.lock().unwrap().iter() {
+            again.remember_secret(secret);
+        }
+        again
     }
 
     /// Starts a gateway with this config text, written to `dir/keygate.yaml`.
