@@ -8,9 +8,13 @@ use jiff::{SignedDuration, Timestamp};
 use keygate::credential;
 use keygate::key::{KeyRecord, new_id};
 use keygate::store::{
-    AuditEvent, AuditKind, KeyFilter, SqliteStore, Store, StoreError, UsageRecord,
+    AuditEvent, AuditKind, KeyFilter, RedisStore, SqliteStore, Store, StoreError, UsageRecord,
 };
+use redis::AsyncCommands;
+
+mod support;
 use serde_json::json;
+use support::redis_server::RedisServer;
 
 fn record(name: &str, owner: &str) -> (KeyRecord, String) {
     let secret = credential::generate("kg_");
@@ -231,4 +235,48 @@ async fn sqlite_store_conforms_and_persists() {
             .len(),
         6
     );
+}
+
+/// The Redis store passes the same suite against a real `redis-server`; everything it writes is
+/// under `store.key_prefix`, a second instance sees it, and no secret is in Redis in plain text.
+#[tokio::test]
+async fn redis_store_conforms_and_shares() {
+    let redis = RedisServer::start();
+    let store = RedisStore::open(&redis.url(), "kgtest:").unwrap();
+    conformance(Arc::new(store)).await;
+
+    let (key, secret) = record("shared", "team-c");
+    RedisStore::open(&redis.url(), "kgtest:")
+        .unwrap()
+        .insert_key(&key, 10)
+        .await
+        .unwrap();
+    let other = RedisStore::open(&redis.url(), "kgtest:").unwrap();
+    assert_eq!(list(&other, None, None).await.len(), 7);
+    assert_eq!(
+        other.key_by_hash(&key.hash).await.unwrap().map(|k| k.id),
+        Some(key.id)
+    );
+    // Another prefix is another deployment.
+    let elsewhere = RedisStore::open(&redis.url(), "other:").unwrap();
+    assert!(list(&elsewhere, None, None).await.is_empty());
+
+    let mut conn = redis.client().await;
+    let names: Vec<String> = conn.keys("*").await.unwrap();
+    assert!(!names.is_empty());
+    for name in &names {
+        assert!(
+            name.starts_with("kgtest:"),
+            "`{name}` is outside the prefix"
+        );
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&dump).contains(&secret[3..]),
+            "`{name}` holds the secret"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The key store: the trait every backend implements, and the backends. This is the only
 //! place that knows how keys, usage and audit events are laid out in storage.
 
+mod redis_store;
 mod sqlite;
 
 use std::net::IpAddr;
@@ -10,6 +11,8 @@ use jiff::Timestamp;
 
 use crate::key::KeyRecord;
 
+pub use redis_store::RedisStore;
+pub(crate) use redis_store::{hex, unhex};
 pub use sqlite::SqliteStore;
 
 /// Why a store operation did not happen.

@@ -2,6 +2,8 @@
 //! real `keygate` binary in front of it on ephemeral ports, create keys, call through them.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod redis_server;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -446,12 +448,17 @@ impl Drop for Gateway {
 }
 
 pub fn terminate(pid: u32) {
+    signal(pid, "TERM");
+}
+
+/// Sends a signal (`TERM`, `KILL`, `STOP`, `CONT`) to a process.
+pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{name}"))
         .arg(pid.to_string())
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
