@@ -108,6 +108,23 @@ impl KeyCache {
         self.map.remove(hash);
     }
 
+    /// Makes every verified key stale and forgets unknown ones: after changes may have been
+    /// missed, each key is asked of the store again on its next use (and still served while
+    /// the store cannot answer, within `stale_if_error`).
+    pub(crate) fn expire_all(&self) {
+        let Some(stale) = Instant::now().checked_sub(self.ttl) else {
+            self.map.clear();
+            return;
+        };
+        self.map.retain(|_, e| {
+            if e.key.is_none() {
+                return false;
+            }
+            e.fetched = e.fetched.min(stale);
+            true
+        });
+    }
+
     /// Drops entries that can no longer be used.
     pub(crate) fn sweep(&self) {
         let (ttl, negative_ttl) = (self.ttl + self.stale_if_error, self.negative_ttl);

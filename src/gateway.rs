@@ -14,14 +14,16 @@ use ipnet::IpNet;
 use jiff::Timestamp;
 
 use crate::cache::{CachedKey, KeyCache, Lookup};
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, OnStoreError};
 use crate::credential::{self, CarriedBy, CredentialError};
 use crate::error_chain;
 use crate::key::Status;
 use crate::metrics::{Metrics, StoreOp};
 use crate::problem::{GatewayError, Outcome};
-use crate::ratelimit::{FailedAuthLimiter, Limits, LocalLimiter, RateHeaders};
-use crate::store::Store;
+use crate::ratelimit::{
+    FailedAuthLimiter, GlobalLimiter, Limits, LocalLimiter, RateHeaders, Verdict,
+};
+use crate::store::{Store, StoreError, StoreHealth};
 use crate::upstream::{self, Route, Router, UpstreamClient};
 use crate::usage::UsageRecorder;
 
@@ -40,8 +42,13 @@ pub(crate) struct Gateway {
     pub(crate) config: Arc<Config>,
     router: Router,
     pub(crate) store: Arc<dyn Store>,
+    /// Whether the store answered lately; requests do not wait on a store known to be down.
+    pub(crate) health: StoreHealth,
     pub(crate) cache: KeyCache,
+    /// Per-instance limits: `scope: local`, or the fallback of `scope: global`.
     pub(crate) limiter: LocalLimiter,
+    /// `scope: global` on the Redis store.
+    pub(crate) global: Option<GlobalLimiter>,
     pub(crate) failed_auth: FailedAuthLimiter,
     pub(crate) usage: UsageRecorder,
     pub(crate) metrics: Metrics,
@@ -58,14 +65,20 @@ struct Trace {
 }
 
 impl Gateway {
-    pub(crate) fn new(config: Arc<Config>, store: Arc<dyn Store>) -> Result<Gateway, String> {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        global: Option<GlobalLimiter>,
+    ) -> Result<Gateway, String> {
         let router = Router::new(&config.routes)?;
         let metrics = Metrics::new(&router.names());
         Ok(Gateway {
             router,
             store,
+            health: StoreHealth::default(),
             cache: KeyCache::new(&config.cache),
             limiter: LocalLimiter::new(),
+            global,
             failed_auth: FailedAuthLimiter::new(config.limits.failed_auth_per_minute_per_ip),
             usage: UsageRecorder::default(),
             metrics,
@@ -153,7 +166,7 @@ impl Gateway {
             Some(key) => {
                 // A rate-limited request is a use of the key too (SPEC §3 Usage).
                 self.usage.record(&key.id, trace.client_ip);
-                let verdict = self.limiter.check(&key.id, key.limits);
+                let verdict = self.rate_check(key).await?;
                 let headers = RateHeaders::new(key.policy.clone(), key.limits, &verdict);
                 if let Some(window) = verdict.refused_by {
                     self.metrics.rate_limited(window);
@@ -244,14 +257,23 @@ impl Gateway {
             Lookup::Miss => None,
         };
         self.metrics.cache_miss.inc();
-        match self.store.key_by_hash(hash).await {
+        // A store known to be down is not asked: the answer would only come after a timeout.
+        let result = if self.health.is_up() {
+            self.store.key_by_hash(hash).await
+        } else {
+            Err(StoreError::Unavailable("known to be down".into()))
+        };
+        match result {
             Ok(record) => {
                 let key = record.map(|r| Arc::new(CachedKey::new(r, self.defaults)));
                 self.cache.insert(*hash, key.clone());
                 Ok(key)
             }
             Err(e) => {
-                self.metrics.store_error(StoreOp::KeyLookup);
+                if self.health.is_up() {
+                    self.metrics.store_error(StoreOp::KeyLookup);
+                    self.health.failed(&e);
+                }
                 match stale {
                     Some(key) => {
                         tracing::debug!(key_id = %key.id, "store unreachable: serving cached key");
@@ -261,6 +283,29 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Decides one request of a key: globally through Redis when so configured and Redis is
+    /// up, else by `on_store_error` (this instance's limits, or 503).
+    async fn rate_check(&self, key: &CachedKey) -> Result<Verdict, GatewayError> {
+        if let Some(global) = &self.global {
+            if let Some(verdict) = global.remembered_refusal(&key.id) {
+                return Ok(verdict);
+            }
+            if self.health.is_up() {
+                match global.check(&key.id, key.limits).await {
+                    Ok(verdict) => return Ok(verdict),
+                    Err(e) => {
+                        self.metrics.store_error(StoreOp::RateLimit);
+                        self.health.failed(&e);
+                    }
+                }
+            }
+            if self.config.rate_limit.on_store_error == OnStoreError::Reject {
+                return Err(GatewayError::LimitsUnavailable);
+            }
+        }
+        Ok(self.limiter.check(&key.id, key.limits))
     }
 
     async fn forward(

@@ -35,17 +35,20 @@ pub(crate) enum StoreOp {
     Audit,
     /// Any other admin API call.
     Admin,
-    /// The `/readyz` probe.
+    /// The `/readyz` probe and the background health probe.
     Ping,
+    /// A `scope: global` rate-limit decision.
+    RateLimit,
 }
 
 impl StoreOp {
-    const ALL: [StoreOp; 5] = [
+    const ALL: [StoreOp; 6] = [
         StoreOp::KeyLookup,
         StoreOp::UsageFlush,
         StoreOp::Audit,
         StoreOp::Admin,
         StoreOp::Ping,
+        StoreOp::RateLimit,
     ];
 
     fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl StoreOp {
             StoreOp::Audit => "audit",
             StoreOp::Admin => "admin",
             StoreOp::Ping => "ping",
+            StoreOp::RateLimit => "rate_limit",
         }
     }
 }

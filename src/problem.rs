@@ -33,6 +33,9 @@ pub(crate) enum GatewayError {
     UpstreamUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("store unavailable")]
     StoreUnavailable(#[source] crate::store::StoreError),
+    /// `scope: global` with the store down and `on_store_error: reject`.
+    #[error("rate limits unknowable: store unavailable")]
+    LimitsUnavailable,
     #[error("upstream timed out")]
     UpstreamTimeout,
     #[error("header block too large")]
@@ -101,7 +104,9 @@ impl GatewayError {
             }
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            GatewayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::StoreUnavailable(_) | GatewayError::LimitsUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -119,7 +124,9 @@ impl GatewayError {
             GatewayError::TooManyFailedAttempts { .. } => "too_many_failed_attempts",
             GatewayError::NoRoute => "no_route",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
-            GatewayError::StoreUnavailable(_) => "store_unavailable",
+            GatewayError::StoreUnavailable(_) | GatewayError::LimitsUnavailable => {
+                "store_unavailable"
+            }
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::HeadersTooLarge => "headers_too_large",
             GatewayError::BadRequest(_) => "bad_request",
@@ -137,7 +144,9 @@ impl GatewayError {
             }
             GatewayError::NoRoute => Outcome::NoRoute,
             GatewayError::UpstreamUnavailable(_) => Outcome::UpstreamError,
-            GatewayError::StoreUnavailable(_) => Outcome::StoreUnavailable,
+            GatewayError::StoreUnavailable(_) | GatewayError::LimitsUnavailable => {
+                Outcome::StoreUnavailable
+            }
             GatewayError::UpstreamTimeout => Outcome::UpstreamTimeout,
             GatewayError::HeadersTooLarge | GatewayError::BadRequest(_) => Outcome::BadRequest,
         }
@@ -153,7 +162,9 @@ impl GatewayError {
             GatewayError::TooManyFailedAttempts { .. } => "Too many failed authentication attempts",
             GatewayError::NoRoute => "No route",
             GatewayError::UpstreamUnavailable(_) => "Upstream unavailable",
-            GatewayError::StoreUnavailable(_) => "Key store unavailable",
+            GatewayError::StoreUnavailable(_) | GatewayError::LimitsUnavailable => {
+                "Key store unavailable"
+            }
             GatewayError::UpstreamTimeout => "Upstream timeout",
             GatewayError::HeadersTooLarge => "Request headers too large",
             GatewayError::BadRequest(_) => "Bad request",
@@ -191,6 +202,9 @@ impl GatewayError {
             GatewayError::StoreUnavailable(_) => {
                 "The key store is unreachable, so the key could not be verified. Retry later.".into()
             }
+            GatewayError::LimitsUnavailable => {
+                "The key store is unreachable, so this key's rate limits cannot be checked. Retry later.".into()
+            }
             GatewayError::UpstreamTimeout => {
                 "The upstream service did not answer in time.".into()
             }
@@ -227,7 +241,7 @@ impl GatewayError {
             GatewayError::TooManyFailedAttempts { retry_after } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            GatewayError::StoreUnavailable(_) => {
+            GatewayError::StoreUnavailable(_) | GatewayError::LimitsUnavailable => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(STORE_RETRY_AFTER));
             }
             GatewayError::NoRoute
@@ -371,6 +385,15 @@ mod tests {
     fn store_unavailable_is_503_with_retry_after() {
         check(
             GatewayError::StoreUnavailable(crate::store::StoreError::Unavailable("down".into())),
+            503,
+            "store_unavailable",
+            Some("retry-after"),
+        );
+    }
+    #[test]
+    fn unknowable_limits_are_503_store_unavailable_with_retry_after() {
+        check(
+            GatewayError::LimitsUnavailable,
             503,
             "store_unavailable",
             Some("retry-after"),

@@ -25,14 +25,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::admin::Admin;
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Scope};
 use crate::error_chain;
 use crate::gateway::Gateway;
 use crate::metrics::StoreOp;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::ratelimit::GlobalLimiter;
+use crate::store::{RedisStore, SqliteStore, Store, StoreError};
 
 /// How often idle limiter, cache and failed-auth state is dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the store is pinged in the background, and how long the answer may take: a store
+/// marked down is marked up again within about this long after it answers again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -110,14 +115,19 @@ pub fn admin_token(config: &Config, create: bool) -> Result<(String, Option<Path
     Ok((token, Some(path)))
 }
 
-fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServeError> {
+/// The store of the config, and the Redis store again when that is what it is (for the
+/// change feed and global limits).
+fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<RedisStore>), ServeError> {
     match config.store.backend {
-        Backend::Embedded => Ok(Arc::new(
-            SqliteStore::open(&config.store.path).map_err(ServeError::Store)?,
+        Backend::Embedded => Ok((
+            Arc::new(SqliteStore::open(&config.store.path).map_err(ServeError::Store)?),
+            None,
         )),
-        Backend::Redis => Err(ServeError::Unsupported(
-            "store.backend: redis is not available in this build yet; use embedded".into(),
-        )),
+        Backend::Redis => {
+            let redis = RedisStore::open(&config.store.redis_url, &config.store.key_prefix)
+                .map_err(ServeError::Store)?;
+            Ok((Arc::new(redis.clone()), Some(redis)))
+        }
     }
 }
 
@@ -134,14 +144,30 @@ pub async fn run(
         ));
     }
     let config = Arc::new(config);
-    let store = open_store(&config)?;
+    let (store, redis) = open_store(&config)?;
     let (token, token_file) = admin_token(&config, true)?;
     if let Some(path) = token_file {
         // The path, never the token: the CLI reads the token from there.
         tracing::info!(path = %path.display(), "admin token file (generated at first start)");
     }
-    let gateway =
-        Arc::new(Gateway::new(Arc::clone(&config), store).map_err(ServeError::Unsupported)?);
+    // One instance on the embedded store: global and local limits are the same thing.
+    let global = match (&redis, config.rate_limit.scope) {
+        (Some(redis), Scope::Global) => {
+            Some(GlobalLimiter::start(redis.connection(), redis.prefix()))
+        }
+        _ => None,
+    };
+    let gateway = Arc::new(
+        Gateway::new(Arc::clone(&config), store, global).map_err(ServeError::Unsupported)?,
+    );
+    let changes = redis.map(|redis| {
+        let gw = Arc::clone(&gateway);
+        tokio::spawn(async move {
+            redis
+                .follow_changes(|hash| gw.cache.invalidate(&hash), || gw.cache.expire_all())
+                .await
+        })
+    });
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), token));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -201,6 +227,9 @@ pub async fn run(
     }
     let _ = admin_task.await;
     let _ = background.await;
+    if let Some(changes) = changes {
+        changes.abort();
+    }
     match gateway.usage.flush(&*gateway.store).await {
         Ok(()) => tracing::info!("usage flushed; stopped"),
         Err(e) => {
@@ -209,6 +238,10 @@ pub async fn run(
     }
     Ok(())
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("the store did not answer a ping within {PROBE_EVERY:?}")]
+struct ProbeTimedOut;
 
 /// Resolves once the stop signal is given (at once if it already was).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -220,17 +253,36 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let mut flush = tokio::time::interval(gateway.config.usage.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = flush.tick() => {
+            // While the store is down, usage waits in memory for its return.
+            _ = flush.tick(), if gateway.health.is_up() => {
                 if let Err(e) = gateway.usage.flush(&*gateway.store).await {
                     gateway.metrics.store_error(StoreOp::UsageFlush);
                     tracing::warn!(cause = %error_chain(&e), "usage flush failed; will retry");
                 }
             }
+            _ = probe.tick() => {
+                match tokio::time::timeout(PROBE_EVERY, gateway.store.ping()).await {
+                    Ok(Ok(())) => gateway.health.answered(),
+                    Ok(Err(e)) => {
+                        gateway.metrics.store_error(StoreOp::Ping);
+                        gateway.health.failed(&e);
+                    }
+                    Err(_) => {
+                        gateway.metrics.store_error(StoreOp::Ping);
+                        gateway.health.failed(&ProbeTimedOut);
+                    }
+                }
+            }
             _ = sweep.tick() => {
                 gateway.cache.sweep();
                 gateway.limiter.sweep();
+                if let Some(global) = &gateway.global {
+                    global.sweep();
+                }
                 gateway.failed_auth.sweep();
             }
             _ = stopped(&mut stop) => break,

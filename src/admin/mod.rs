@@ -175,10 +175,13 @@ impl Admin {
 
     async fn ready(&self) -> Response<Full<Bytes>> {
         match self.gateway.store.ping().await {
-            Ok(()) => text(StatusCode::OK, "ready\n", "text/plain"),
+            Ok(()) => {
+                self.gateway.health.answered();
+                text(StatusCode::OK, "ready\n", "text/plain")
+            }
             Err(e) => {
                 self.gateway.metrics.store_error(StoreOp::Ping);
-                tracing::warn!(cause = %error_chain(&e), "not ready: store unreachable");
+                self.gateway.health.failed(&e);
                 problem_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",

@@ -13,6 +13,7 @@
 //! to one slot longer, never shorter.
 
 mod failed_auth;
+mod global;
 mod window;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 
 pub(crate) use failed_auth::FailedAuthLimiter;
+pub(crate) use global::GlobalLimiter;
 pub use window::{KeyWindows, Verdict, decide};
 
 /// The two limits that apply to a key together.

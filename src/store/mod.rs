@@ -5,6 +5,7 @@ mod redis_store;
 mod sqlite;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -12,7 +13,6 @@ use jiff::Timestamp;
 use crate::key::KeyRecord;
 
 pub use redis_store::RedisStore;
-pub(crate) use redis_store::{hex, unhex};
 pub use sqlite::SqliteStore;
 
 /// Why a store operation did not happen.
@@ -142,4 +142,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Whether the store answered lately, so that requests do not wait on a store known to be
+/// down: the request path marks it down on a failure, the background probe marks it up again.
+#[derive(Debug, Default)]
+pub(crate) struct StoreHealth {
+    down: AtomicBool,
+}
+
+impl StoreHealth {
+    pub(crate) fn is_up(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn failed(&self, cause: &(dyn std::error::Error + 'static)) {
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                cause = %crate::error_chain(cause),
+                "store unreachable: serving cached keys, unknown keys get 503, limits follow on_store_error"
+            );
+        }
+    }
+
+    pub(crate) fn answered(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("store reachable again");
+        }
+    }
 }

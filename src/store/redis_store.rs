@@ -182,7 +182,7 @@ fn corrupt(what: impl Into<String>) -> StoreError {
 struct TimedOut(Duration);
 
 /// Lowercase hex of a digest: how digests appear in Redis names and change messages.
-pub(crate) fn hex(bytes: &[u8; 32]) -> String {
+fn hex(bytes: &[u8; 32]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -191,7 +191,7 @@ pub(crate) fn hex(bytes: &[u8; 32]) -> String {
 }
 
 /// The digest of a lowercase hex string, if it is one.
-pub(crate) fn unhex(text: &str) -> Option<[u8; 32]> {
+fn unhex(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     if text.len() != 64 {
         return None;

@@ -31,6 +31,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// `/slow?ms=N` waits N ms first; `/big?bytes=N` streams N bytes back.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// The path of every request that reached it, in order of arrival.
+    seen: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -44,19 +46,36 @@ impl Upstream {
     pub async fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                let log = Arc::clone(&log);
+                let service = service_fn(move |req: Request<Incoming>| {
+                    log.lock().unwrap().push(req.uri().path().to_string());
+                    echo(req)
+                });
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service_fn(echo))
+                        .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
             }
         });
-        Upstream { addr, task }
+        Upstream { addr, seen, task }
+    }
+
+    /// How many requests for `path` reached the upstream.
+    pub fn count(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == path)
+            .count()
     }
 
     pub fn url(&self) -> String {
@@ -211,6 +230,22 @@ impl Gateway {
         let dir = tmp.path().to_path_buf();
         let yaml = edit(config_yaml(&upstream.url(), &dir, ""));
         Gateway::start_with(&dir, &yaml, Some(tmp), args).await
+    }
+
+    /// Starts a gateway on the Redis store of `redis`, `extra` YAML appended to its config.
+    pub async fn start_on_redis(
+        upstream: &Upstream,
+        redis: &redis_server::RedisServer,
+        extra: &str,
+    ) -> Gateway {
+        let store = format!(
+            "store:\n  backend: redis\n  redis_url: {}\n  key_prefix: \"kgtest:\"\n",
+            redis.url()
+        );
+        Gateway::start_edited(upstream, &[], |yaml| {
+            yaml.replace("store:\n", &store) + extra
+        })
+        .await
     }
 
     /// Starts this (stopped) gateway again on the same config and store; the secrets it knew
@@ -520,6 +555,22 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// The `id` of a key object.
+/// Fails if more than `limit` of the allowed requests were certainly decided within one
+/// `window`. Each request is bracketed by (sent, received): requests i..=j were certainly
+/// decided within one window when j's answer came back less than a window after i was sent.
+pub fn assert_no_window_over(allowed: &[(Duration, Duration)], window: Duration, limit: usize) {
+    for (i, &(sent, _)) in allowed.iter().enumerate() {
+        let within = allowed[i..]
+            .iter()
+            .take_while(|&&(_, received)| received < sent + window)
+            .count();
+        assert!(
+            within <= limit,
+            "{within} allowed within {window:?} from {sent:?}, limit {limit}"
+        );
+    }
+}
+
 pub fn key_id(key: &Value) -> &str {
     key["id"].as_str().unwrap()
 }

@@ -1,0 +1,322 @@
+//! `rate_limit.scope: global`: the windows of every key live in Redis, and every instance asks
+//! Redis for each decision, so the limits hold for all instances together, exactly.
+//!
+//! The rule is the same sliding window as [`super::decide`], written again in Lua so it runs
+//! atomically inside Redis on Redis's clock (one clock for all instances). Two things keep the
+//! Redis round trip from being the throughput ceiling:
+//! - batching: requests queue for one worker, which sends all waiting decisions in one script
+//!   call, several calls in flight; under load a round trip carries hundreds of decisions;
+//! - refusals are remembered: when Redis refuses a key until T, this instance refuses that key
+//!   locally until T without asking (exact: other instances can only add to the count, and T is
+//!   measured from when the question was sent, so the local refusal never outlasts Redis's). A
+//!   client hammering past its limit costs Redis nothing.
+//!
+//! A decision that does not come back within [`DECISION_BUDGET`] is an error; the caller then
+//! follows `on_store_error` and marks the store down, so later requests do not wait at all.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use redis::Script;
+use redis::aio::ConnectionManager;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{Limits, Verdict, Window, whole_seconds_up};
+
+/// How long a request waits for Redis's decision before the limits count as unknowable.
+pub(crate) const DECISION_BUDGET: Duration = Duration::from_millis(250);
+
+/// Decisions per script call at most: keeps each call short for Redis.
+const MAX_BATCH: usize = 512;
+
+/// Script calls in flight at once per instance.
+const IN_FLIGHT: usize = 4;
+
+/// Decisions waiting at most; past this the request is treated as Redis being unreachable.
+const QUEUE: usize = 65_536;
+
+/// The Lua twin of `window::decide`. KEYS: one rate-limit key per decision (a key may repeat);
+/// ARGV: per_minute, per_second for each. Returns four integers per decision: refused by
+/// (0 none, 1 minute, 2 second), µs until allowed, remaining, reset seconds.
+///
+/// State per key: a MessagePack array {minute slots, second slots}, each a flat list of
+/// slot number, count; expires when nothing in it could count any more.
+const DECIDE: &str = r#"
+local MINUTE_W, MINUTE_S = 60000000, 1000000
+local SECOND_W, SECOND_S = 1000000, 1000
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local function expiry(w, s, slot) return (slot + 1) * s - 1 + w end
+local function secs_up(us) return math.floor((us + 999999) / 1000000) end
+local function prune(list, w, s)
+  local kept, total = {}, 0
+  for j = 1, #list, 2 do
+    if expiry(w, s, list[j]) > now then
+      kept[#kept + 1] = list[j]
+      kept[#kept + 1] = list[j + 1]
+      total = total + list[j + 1]
+    end
+  end
+  return kept, total
+end
+local function wait_below(list, w, s, limit, count)
+  local excess = math.max(count + 1 - limit, 0)
+  for j = 1, #list, 2 do
+    if list[j + 1] >= excess then return math.max(expiry(w, s, list[j]) - now, 0) end
+    excess = excess - list[j + 1]
+  end
+  return 0
+end
+local function add(list, s)
+  local slot = math.floor(now / s)
+  if #list > 0 and list[#list - 1] == slot then
+    list[#list] = list[#list] + 1
+  else
+    list[#list + 1] = slot
+    list[#list + 1] = 1
+  end
+end
+
+local out = {}
+for i, key in ipairs(KEYS) do
+  local per_minute, per_second = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local m, s = {}, {}
+  local raw = redis.call('GET', key)
+  if raw then
+    local state = cmsgpack.unpack(raw)
+    m, s = state[1], state[2]
+  end
+  local before = #m + #s
+  local minute_count, second_count
+  m, minute_count = prune(m, MINUTE_W, MINUTE_S)
+  s, second_count = prune(s, SECOND_W, SECOND_S)
+  local minute_full, second_full = minute_count >= per_minute, second_count >= per_second
+  local refused, wait, remaining = 0, 0, 0
+  if minute_full or second_full then
+    if minute_full then wait = wait_below(m, MINUTE_W, MINUTE_S, per_minute, minute_count) end
+    if second_full then
+      wait = math.max(wait, wait_below(s, SECOND_W, SECOND_S, per_second, second_count))
+    end
+    refused = minute_full and 1 or 2
+    remaining = math.max(per_minute - minute_count, 0)
+  else
+    add(m, MINUTE_S)
+    add(s, SECOND_S)
+    remaining = per_minute - minute_count - 1
+  end
+  local reset = 0
+  if #m > 0 then reset = secs_up(math.max(expiry(MINUTE_W, MINUTE_S, m[1]) - now, 0)) end
+  if refused == 0 or #m + #s ~= before then
+    if #m == 0 and #s == 0 then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, cmsgpack.pack({m, s}), 'PX', 61000)
+    end
+  end
+  out[#out + 1] = refused
+  out[#out + 1] = wait
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+end
+return out
+"#;
+
+static DECIDE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(DECIDE));
+
+/// Why Redis gave no decision.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GlobalError {
+    #[error("Redis gave no rate-limit decision within {DECISION_BUDGET:?}")]
+    TimedOut,
+    #[error("rate-limit decision failed")]
+    Redis(#[source] Arc<redis::RedisError>),
+    #[error("too many rate-limit decisions waiting for Redis")]
+    Overloaded,
+}
+
+/// One decision Redis made, and when it is valid from.
+#[derive(Debug, Clone, Copy)]
+struct Decision {
+    verdict: Verdict,
+    /// µs until the key would be allowed, when refused.
+    wait_us: u64,
+}
+
+#[derive(Debug)]
+struct Ask {
+    redis_key: String,
+    limits: Limits,
+    reply: oneshot::Sender<Result<Decision, Arc<redis::RedisError>>>,
+}
+
+/// A refusal remembered from Redis.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    until: Instant,
+    reset_at: Instant,
+    verdict: Verdict,
+}
+
+#[derive(Debug)]
+pub(crate) struct GlobalLimiter {
+    queue: mpsc::Sender<Ask>,
+    refused: DashMap<Arc<str>, Refusal>,
+    prefix: String,
+}
+
+impl GlobalLimiter {
+    /// Starts the batching worker on the current runtime.
+    pub(crate) fn start(conn: ConnectionManager, prefix: &str) -> GlobalLimiter {
+        let (queue, asks) = mpsc::channel(QUEUE);
+        tokio::spawn(batch_worker(asks, conn));
+        GlobalLimiter {
+            queue,
+            refused: DashMap::new(),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// A refusal Redis gave that still holds, with its headers brought up to date.
+    pub(crate) fn remembered_refusal(&self, key: &Arc<str>) -> Option<Verdict> {
+        let refusal = *self.refused.get(key)?;
+        let now = Instant::now();
+        if now >= refusal.until {
+            return None;
+        }
+        Some(Verdict {
+            retry_after_secs: whole_seconds_up(refusal.until - now),
+            reset_secs: whole_seconds_up(refusal.reset_at.saturating_duration_since(now)),
+            ..refusal.verdict
+        })
+    }
+
+    /// Asks Redis to decide one request of `key` (counted when allowed).
+    pub(crate) async fn check(
+        &self,
+        key: &Arc<str>,
+        limits: Limits,
+    ) -> Result<Verdict, GlobalError> {
+        if let Some(verdict) = self.remembered_refusal(key) {
+            return Ok(verdict);
+        }
+        let sent = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        let ask = Ask {
+            redis_key: format!("{}rl:{{{key}}}", self.prefix),
+            limits,
+            reply,
+        };
+        self.queue
+            .try_send(ask)
+            .map_err(|_| GlobalError::Overloaded)?;
+        let decision = match tokio::time::timeout(DECISION_BUDGET, answer).await {
+            Ok(Ok(Ok(decision))) => decision,
+            Ok(Ok(Err(e))) => return Err(GlobalError::Redis(e)),
+            Ok(Err(_)) | Err(_) => return Err(GlobalError::TimedOut),
+        };
+        if decision.verdict.refused_by.is_some() {
+            self.refused.insert(
+                Arc::clone(key),
+                Refusal {
+                    until: sent + Duration::from_micros(decision.wait_us),
+                    reset_at: sent + Duration::from_secs(decision.verdict.reset_secs),
+                    verdict: decision.verdict,
+                },
+            );
+        }
+        Ok(decision.verdict)
+    }
+
+    /// Forgets refusals that have run out.
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        self.refused.retain(|_, r| r.until > now);
+    }
+}
+
+/// Takes waiting decisions in batches and sends each batch as one script call.
+async fn batch_worker(mut asks: mpsc::Receiver<Ask>, conn: ConnectionManager) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(first) = asks.recv().await {
+        // Waiting for a slot first lets the batch grow while earlier calls are in flight.
+        let permit = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match asks.try_recv() {
+                Ok(ask) => batch.push(ask),
+                Err(_) => break,
+            }
+        }
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            decide_batch(&mut conn, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn decide_batch(conn: &mut ConnectionManager, batch: Vec<Ask>) {
+    // Asks whose requester gave up are dropped here, so nothing is counted for them.
+    let batch: Vec<Ask> = batch.into_iter().filter(|a| !a.reply.is_closed()).collect();
+    if batch.is_empty() {
+        return;
+    }
+    let mut invocation = DECIDE_SCRIPT.prepare_invoke();
+    for ask in &batch {
+        invocation
+            .key(&ask.redis_key)
+            .arg(ask.limits.per_minute)
+            .arg(ask.limits.per_second);
+    }
+    match invocation.invoke_async::<Vec<i64>>(conn).await {
+        Ok(values) if values.len() == 4 * batch.len() => {
+            for (ask, v) in batch.into_iter().zip(values.chunks_exact(4)) {
+                let _ = ask.reply.send(Ok(decision(v)));
+            }
+        }
+        Ok(values) => {
+            let e = Arc::new(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "rate-limit script",
+                format!("{} values for {} decisions", values.len(), batch.len()),
+            )));
+            for ask in batch {
+                let _ = ask.reply.send(Err(Arc::clone(&e)));
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for ask in batch {
+                let _ = ask.reply.send(Err(Arc::clone(&e)));
+            }
+        }
+    }
+}
+
+fn decision(v: &[i64]) -> Decision {
+    let as_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
+    let refused_by = match v[0] {
+        1 => Some(Window::Minute),
+        2 => Some(Window::Second),
+        _ => None,
+    };
+    let wait_us = as_u64(v[1]);
+    Decision {
+        verdict: Verdict {
+            refused_by,
+            retry_after_secs: if refused_by.is_some() {
+                whole_seconds_up(Duration::from_micros(wait_us))
+            } else {
+                0
+            },
+            remaining: u32::try_from(v[2]).unwrap_or(0),
+            reset_secs: as_u64(v[3]),
+        },
+        wait_us,
+    }
+}
