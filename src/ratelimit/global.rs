@@ -36,64 +36,78 @@ const IN_FLIGHT: usize = 4;
 /// Decisions waiting at most; past this the request is treated as Redis being unreachable.
 const QUEUE: usize = 65_536;
 
-/// The Lua twin of `window::decide`. KEYS: one rate-limit key per decision (a key may repeat);
-/// ARGV: per_minute, per_second for each. Returns four integers per decision: refused by
-/// (0 none, 1 minute, 2 second), µs until allowed, remaining, reset seconds.
+/// The Lua twin of `window::decide`. KEYS: one per decision, `P rl:{<id>}` (a key may
+/// repeat); ARGV: the time in µs since the epoch, or `-` for Redis's own clock (what the
+/// gateway sends: one clock for all instances), then per_minute, per_second for each. Returns four integers per decision:
+/// refused by (0 none, 1 minute, 2 second), µs until allowed, remaining, reset seconds.
 ///
-/// State per key: a MessagePack array {minute slots, second slots}, each a flat list of
-/// slot number, count; expires when nothing in it could count any more.
+/// State per API key, all under its `{<id>}` hash tag: lists `…:m` and `…:s` of "slot:count"
+/// (minute and second windows, oldest first) and the hash itself holding both totals. A
+/// decision touches only the ends of the lists, so its cost does not grow with the rate.
+/// Everything expires when its newest minute slot stops counting.
 const DECIDE: &str = r#"
 local MINUTE_W, MINUTE_S = 60000000, 1000000
 local SECOND_W, SECOND_S = 1000000, 1000
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 
 local function expiry(w, s, slot) return (slot + 1) * s - 1 + w end
 local function secs_up(us) return math.floor((us + 999999) / 1000000) end
-local function prune(list, w, s)
-  local kept, total = {}, 0
-  for j = 1, #list, 2 do
-    if expiry(w, s, list[j]) > now then
-      kept[#kept + 1] = list[j]
-      kept[#kept + 1] = list[j + 1]
-      total = total + list[j + 1]
-    end
+local function entry(text)
+  local slot, n = string.match(text, '^(%d+):(%d+)$')
+  return tonumber(slot), tonumber(n)
+end
+-- Drops slots that stopped counting; returns the new total and the oldest slot left.
+local function prune(list, total, w, s)
+  while true do
+    local head = redis.call('LINDEX', list, 0)
+    if not head then return 0, nil end
+    local slot, n = entry(head)
+    if expiry(w, s, slot) > now then return total, slot end
+    redis.call('LPOP', list)
+    total = total - n
   end
-  return kept, total
 end
 local function wait_below(list, w, s, limit, count)
   local excess = math.max(count + 1 - limit, 0)
-  for j = 1, #list, 2 do
-    if list[j + 1] >= excess then return math.max(expiry(w, s, list[j]) - now, 0) end
-    excess = excess - list[j + 1]
+  local i = 0
+  while true do
+    local e = redis.call('LINDEX', list, i)
+    if not e then return 0 end
+    local slot, n = entry(e)
+    if n >= excess then return math.max(expiry(w, s, slot) - now, 0) end
+    excess = excess - n
+    i = i + 1
   end
-  return 0
 end
+-- Counts one request now; returns the list's length when it opened a new slot, else 0.
 local function add(list, s)
   local slot = math.floor(now / s)
-  if #list > 0 and list[#list - 1] == slot then
-    list[#list] = list[#list] + 1
-  else
-    list[#list + 1] = slot
-    list[#list + 1] = 1
+  local last = redis.call('LINDEX', list, -1)
+  if last then
+    local last_slot, n = entry(last)
+    if last_slot == slot then
+      redis.call('LSET', list, -1, slot .. ':' .. (n + 1))
+      return 0
+    end
   end
+  return redis.call('RPUSH', list, slot .. ':1')
 end
 
 local out = {}
 for i, key in ipairs(KEYS) do
-  local per_minute, per_second = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local m, s = {}, {}
-  local raw = redis.call('GET', key)
-  if raw then
-    local state = cmsgpack.unpack(raw)
-    m, s = state[1], state[2]
-  end
-  local before = #m + #s
-  local minute_count, second_count
-  m, minute_count = prune(m, MINUTE_W, MINUTE_S)
-  s, second_count = prune(s, SECOND_W, SECOND_S)
+  local per_minute, per_second = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local m, s = key .. ':m', key .. ':s'
+  local totals = redis.call('HMGET', key, 'm', 's')
+  local old_minute, old_second = tonumber(totals[1]) or 0, tonumber(totals[2]) or 0
+  local minute_count, oldest = prune(m, old_minute, MINUTE_W, MINUTE_S)
+  local second_count = prune(s, old_second, SECOND_W, SECOND_S)
   local minute_full, second_full = minute_count >= per_minute, second_count >= per_second
   local refused, wait, remaining = 0, 0, 0
+  local m_len, s_len = 0, 0
   if minute_full or second_full then
     if minute_full then wait = wait_below(m, MINUTE_W, MINUTE_S, per_minute, minute_count) end
     if second_full then
@@ -102,19 +116,26 @@ for i, key in ipairs(KEYS) do
     refused = minute_full and 1 or 2
     remaining = math.max(per_minute - minute_count, 0)
   else
-    add(m, MINUTE_S)
-    add(s, SECOND_S)
-    remaining = per_minute - minute_count - 1
+    m_len = add(m, MINUTE_S)
+    s_len = add(s, SECOND_S)
+    oldest = oldest or math.floor(now / MINUTE_S)
+    minute_count, second_count = minute_count + 1, second_count + 1
+    remaining = per_minute - minute_count
+  end
+  if minute_count ~= old_minute or second_count ~= old_second then
+    redis.call('HSET', key, 'm', minute_count, 's', second_count)
+  end
+  -- Everything is useless once the newest minute slot stops counting.
+  local gone = math.ceil(expiry(MINUTE_W, MINUTE_S, math.floor(now / MINUTE_S)) / 1000)
+  if m_len > 0 then
+    redis.call('PEXPIREAT', key, gone)
+    redis.call('PEXPIREAT', m, gone)
+    redis.call('PEXPIREAT', s, gone)
+  elseif s_len == 1 then
+    redis.call('PEXPIREAT', s, gone)
   end
   local reset = 0
-  if #m > 0 then reset = secs_up(math.max(expiry(MINUTE_W, MINUTE_S, m[1]) - now, 0)) end
-  if refused == 0 or #m + #s ~= before then
-    if #m == 0 and #s == 0 then
-      redis.call('DEL', key)
-    else
-      redis.call('SET', key, cmsgpack.pack({m, s}), 'PX', 61000)
-    end
-  end
+  if oldest then reset = secs_up(math.max(expiry(MINUTE_W, MINUTE_S, oldest) - now, 0)) end
   out[#out + 1] = refused
   out[#out + 1] = wait
   out[#out + 1] = remaining
@@ -267,6 +288,7 @@ async fn decide_batch(conn: &mut ConnectionManager, batch: Vec<Ask>) {
         return;
     }
     let mut invocation = DECIDE_SCRIPT.prepare_invoke();
+    invocation.arg("-");
     for ask in &batch {
         invocation
             .key(&ask.redis_key)
@@ -319,4 +341,23 @@ fn decision(v: &[i64]) -> Decision {
         },
         wait_us,
     }
+}
+
+/// One decision of the Lua rule at a given time (µs since the epoch), for tests comparing it
+/// with [`super::decide`]. The gateway itself always uses Redis's clock.
+#[doc(hidden)]
+pub async fn decide_in_redis(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    limits: Limits,
+    now_us: u64,
+) -> redis::RedisResult<Verdict> {
+    let values: Vec<i64> = DECIDE_SCRIPT
+        .key(key)
+        .arg(now_us)
+        .arg(limits.per_minute)
+        .arg(limits.per_second)
+        .invoke_async(conn)
+        .await?;
+    Ok(decision(&values).verdict)
 }

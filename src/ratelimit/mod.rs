@@ -25,6 +25,8 @@ use hyper::header::{HeaderName, HeaderValue};
 
 pub(crate) use failed_auth::FailedAuthLimiter;
 pub(crate) use global::GlobalLimiter;
+#[doc(hidden)]
+pub use global::decide_in_redis;
 pub use window::{KeyWindows, Verdict, decide};
 
 /// The two limits that apply to a key together.
