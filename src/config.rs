@@ -491,13 +491,19 @@ impl Config {
                 }
             }
             Backend::Redis => {
-                if !(self.store.redis_url.starts_with("redis://")
-                    || self.store.redis_url.starts_with("rediss://")
-                    || self.store.redis_url.starts_with("unix://"))
-                {
+                use redis::IntoConnectionInfo;
+                // The redis crate's own parser, so what passes here connects; its message never
+                // repeats the URL, which may hold a password.
+                if let Err(e) = self.store.redis_url.as_str().into_connection_info() {
                     problem(
                         "store.redis_url".into(),
-                        "expected a redis:// or rediss:// URL".into(),
+                        format!("expected redis://[:password@]host[:port][/db] ({e})"),
+                    );
+                }
+                if self.store.key_prefix.is_empty() {
+                    problem(
+                        "store.key_prefix".into(),
+                        "must not be empty: every Redis key of keygate lives under it".into(),
                     );
                 }
             }
@@ -719,6 +725,19 @@ routes:
             .find(|p| p.path == "routes[0].upstream")
             .unwrap();
         assert!(upstream.message.contains("localhost:3000"));
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_named_without_repeating_it() {
+        let text =
+            format!("{MINIMAL}store:\n  backend: redis\n  redis_url: http://user:s3cret@host/0\n");
+        let problems = Config::parse_with_env(&text, &no_env).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "store.redis_url");
+        assert!(!problems[0].message.contains("s3cret"), "{problems:?}");
+        let good =
+            format!("{MINIMAL}store:\n  backend: redis\n  redis_url: redis://10.0.0.5:6380/2\n");
+        assert!(Config::parse_with_env(&good, &no_env).is_ok());
     }
 
     #[test]

@@ -80,7 +80,9 @@ impl UsageRecorder {
                     ip: *ip,
                 })
                 .collect();
-            if let Err(e) = store.record_usage(&records).await {
+            let written = store.record_usage(&records).await;
+            tracing::debug!(records = records.len(), ok = written.is_ok(), "usage flush");
+            if let Err(e) = written {
                 for (key, at, ip) in batch {
                     // Keep what came in meanwhile if it is newer.
                     self.pending

@@ -203,6 +203,8 @@ async fn redis_killed_under_load_then_restarted() {
                            "rate_limit": {"per_minute": 1000000, "per_second": 100000}}))
         .await;
     let (_, never_used) = a.create_simple_key("never-used").await;
+    // Used once before the outage (so it is cached) and once during it, from another IP.
+    let (witness, witness_secret) = a.create_simple_key("witness").await;
     for gw in [&a, &b] {
         gw.remember_secret(&secret);
         gw.remember_secret(&never_used);
@@ -210,6 +212,7 @@ async fn redis_killed_under_load_then_restarted() {
     for gw in [&a, &b] {
         assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     }
+    assert_eq!(a.call_with_key("/", &witness_secret).await.status(), 200);
 
     // Load on both instances, through the kill and the restart.
     let stop = Arc::new(AtomicBool::new(false));
@@ -235,6 +238,7 @@ async fn redis_killed_under_load_then_restarted() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     redis.kill();
+    let killed_at = jiff::Timestamp::now();
     // Past the 1 s ttl: cached keys are served stale; the store is known to be down.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for gw in [&a, &b] {
@@ -283,6 +287,15 @@ async fn redis_killed_under_load_then_restarted() {
         0,
         "an unverified request was forwarded"
     );
+    let response = a
+        .http
+        .get(a.url("/during"))
+        .header("x-api-key", &witness_secret)
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
     // Let a usage flush fail while Redis is away.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -317,8 +330,19 @@ async fn redis_killed_under_load_then_restarted() {
             .unwrap();
         assert_eq!(ready.status(), 200);
     }
-    // The uses during the outage reached Redis after it came back (then later load uses
-    // from 127.0.0.1 may follow; stop the load first so the last one is deterministic).
+    // The use of the witness during the outage reached Redis once it came back.
+    let witness_id = key_id(&witness).to_string();
+    eventually(Duration::from_secs(3), "outage usage in Redis", || async {
+        let key = b.get_key(&witness_id).await;
+        key["last_used_ip"] == "203.0.113.7"
+            && key["last_used_at"]
+                .as_str()
+                .unwrap()
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+                > killed_at
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut statuses = Vec::new();
     for task in load {
@@ -329,24 +353,8 @@ async fn redis_killed_under_load_then_restarted() {
         "a cached key was refused under load: {:?}",
         statuses.iter().filter(|&&s| s != 200).collect::<Vec<_>>()
     );
-    assert!(upstream.count("/during") == 2);
-    let id = key_id(&key).to_string();
-    for gw in [&a, &b] {
-        let response = gw
-            .http
-            .get(gw.url("/after"))
-            .header("x-api-key", &secret)
-            .header("x-forwarded-for", "198.51.100.9")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-    }
-    eventually(Duration::from_secs(3), "usage reached Redis", || async {
-        a.get_key(&id).await["last_used_ip"] == "198.51.100.9"
-    })
-    .await;
-    // The audit of the outage: both gateways were alive throughout.
+    assert_eq!(upstream.count("/during"), 3);
+    // Both gateways were alive throughout and stop cleanly.
     for mut gw in [a, b] {
         assert!(gw.stop().success());
     }
@@ -400,5 +408,60 @@ async fn a_paused_redis_does_not_hold_up_cached_keys() {
     eventually(Duration::from_secs(5), "the uncached key works", || async {
         a.call_with_key("/", &uncached).await.status() == 200
     })
+    .await;
+}
+
+/// While Redis is away, `on_store_error: local` limits each instance on its own and
+/// `on_store_error: reject` answers 503; both go back to global limits when it returns.
+#[tokio::test]
+async fn limits_follow_on_store_error_while_redis_is_away() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let local = Gateway::start_on_redis(&upstream, &redis, LONG_TTL).await;
+    let reject = Gateway::start_on_redis(
+        &upstream,
+        &redis,
+        "cache:\n  ttl: 1h\nrate_limit:\n  on_store_error: reject\n",
+    )
+    .await;
+    let (_, secret) = local
+        .create_key(json!({"name": "fallback", "owner": "team-a",
+                           "rate_limit": {"per_minute": 100, "per_second": 3}}))
+        .await;
+    reject.remember_secret(&secret);
+    for gw in [&local, &reject] {
+        assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    redis.kill();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(local.call_with_key("/", &secret).await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let (headers, body) = problem(
+        reject.call_with_key("/", &secret).await,
+        503,
+        "store_unavailable",
+    )
+    .await;
+    assert!(retry_after(&headers) >= 1);
+    assert!(body["detail"].as_str().unwrap().contains("rate limits"));
+    let metrics = reject.metrics().await;
+    assert!(
+        support::sample(
+            &metrics,
+            "keygate_store_errors_total",
+            &[("op", "rate_limit")]
+        ) >= 1.0
+    );
+
+    redis.restart();
+    eventually(
+        Duration::from_secs(10),
+        "reject instance serves again",
+        || async { reject.call_with_key("/", &secret).await.status() == 200 },
+    )
     .await;
 }
