@@ -198,7 +198,7 @@ async fn redis_killed_under_load_then_restarted() {
     let extra = "cache:\n  ttl: 1s\n  stale_if_error: 5m\ntrusted_proxies: [\"127.0.0.1/32\"]\n";
     let a = Gateway::start_on_redis(&upstream, &redis, extra).await;
     let b = Gateway::start_on_redis(&upstream, &redis, extra).await;
-    let (key, secret) = a
+    let (_, secret) = a
         .create_key(json!({"name": "busy", "owner": "team-a",
                            "rate_limit": {"per_minute": 1000000, "per_second": 100000}}))
         .await;
