@@ -27,24 +27,8 @@ async fn the_admin_api_is_never_open() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
-    assert_eq!(
-        gw.http
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        gw.http
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.probe("/healthz").await, 200);
+    assert_eq!(gw.probe("/readyz").await, 200);
     let metrics = gw
         .http
         .get(format!("{base}/metrics"))
@@ -268,9 +252,7 @@ async fn rotation_with_and_without_grace() {
         .await;
     assert_eq!(gw.call_with_key("/", &old_secret).await.status(), 200);
 
-    let (status, new) = gw
-        .admin(Method::POST, &format!("/v1/keys/{}/rotate", id(&old)), None)
-        .await;
+    let (status, new) = gw.rotate(&id(&old), None).await;
     assert_eq!(status, 201, "{new}");
     let new_secret = new["secret"].as_str().unwrap().to_string();
     assert_ne!(new_secret, old_secret);
@@ -284,13 +266,7 @@ async fn rotation_with_and_without_grace() {
     assert_eq!(gw.call_with_key("/", &old_secret).await.status(), 200);
     assert_eq!(gw.call_with_key("/", &new_secret).await.status(), 200);
 
-    let (status, newer) = gw
-        .admin(
-            Method::POST,
-            &format!("/v1/keys/{}/rotate", id(&new)),
-            Some(json!({"grace_period": "0s"})),
-        )
-        .await;
+    let (status, newer) = gw.rotate(&id(&new), Some("0s")).await;
     assert_eq!(status, 201);
     let newer_secret = newer["secret"].as_str().unwrap();
     support::problem(

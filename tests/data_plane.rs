@@ -173,13 +173,8 @@ async fn trusted_proxies_are_believed_and_usage_is_recorded() {
     let id = key_id(&key);
     assert!(gw.get_key(id).await["last_used_at"].is_null());
     let seen: Value = gw
-        .http
-        .get(gw.url("/"))
-        .header("x-api-key", &secret)
-        .header("x-forwarded-for", "198.51.100.7, 10.1.1.1")
-        .send()
+        .call_from("198.51.100.7, 10.1.1.1", "/", &secret)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -29,6 +29,15 @@ where
     }
 }
 
+/// Three gateways on one Redis, with the default config.
+async fn three_on(upstream: &Upstream, redis: &RedisServer) -> [Gateway; 3] {
+    [
+        Gateway::start_on_redis(upstream, redis, "").await,
+        Gateway::start_on_redis(upstream, redis, "").await,
+        Gateway::start_on_redis(upstream, redis, "").await,
+    ]
+}
+
 /// Sends `n` requests with `secret` at once, spread round-robin over `gateways`; returns
 /// their statuses and how long the whole burst took from first send to last answer.
 async fn burst(gateways: &[&Gateway], secret: &str, n: usize) -> (Vec<u16>, Duration) {
@@ -71,13 +80,7 @@ async fn keys_and_their_revocation_reach_every_instance() {
     let (old, old_secret) = b.create_simple_key("rotated").await;
     a.remember_secret(&old_secret);
     assert_eq!(a.call_with_key("/", &old_secret).await.status(), 200);
-    let (status, new) = b
-        .admin(
-            Method::POST,
-            &format!("/v1/keys/{}/rotate", key_id(&old)),
-            Some(json!({"grace_period": "0s"})),
-        )
-        .await;
+    let (status, new) = b.rotate(key_id(&old), Some("0s")).await;
     assert_eq!(status, 201, "{new}");
     let new_secret = new["secret"].as_str().unwrap();
     a.remember_secret(new_secret);
@@ -106,9 +109,7 @@ async fn keys_and_their_revocation_reach_every_instance() {
 async fn a_burst_across_three_instances_gets_exactly_the_per_second_limit() {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    let a = Gateway::start_on_redis(&upstream, &redis, "").await;
-    let b = Gateway::start_on_redis(&upstream, &redis, "").await;
-    let c = Gateway::start_on_redis(&upstream, &redis, "").await;
+    let [a, b, c] = three_on(&upstream, &redis).await;
     let (_, secret) = a.create_simple_key("burst").await;
     for gw in [&b, &c] {
         gw.remember_secret(&secret);
@@ -143,9 +144,7 @@ async fn a_burst_across_three_instances_gets_exactly_the_per_second_limit() {
 async fn three_instances_together_keep_the_per_minute_limit_over_a_minute() {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    let a = Gateway::start_on_redis(&upstream, &redis, "").await;
-    let b = Gateway::start_on_redis(&upstream, &redis, "").await;
-    let c = Gateway::start_on_redis(&upstream, &redis, "").await;
+    let [a, b, c] = three_on(&upstream, &redis).await;
     let gateways = [&a, &b, &c];
     let (_, secret) = a
         .create_key(json!({"name": "minute", "owner": "team-a",
@@ -242,14 +241,7 @@ async fn redis_killed_under_load_then_restarted() {
     // Past the 1 s ttl: cached keys are served stale; the store is known to be down.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for gw in [&a, &b] {
-        let response = gw
-            .http
-            .get(gw.url("/during"))
-            .header("x-api-key", &secret)
-            .header("x-forwarded-for", "203.0.113.7")
-            .send()
-            .await
-            .unwrap();
+        let response = gw.call_from("203.0.113.7", "/during", &secret).await;
         assert_eq!(response.status(), 200);
         let unknown = keygate::credential::generate("kg_");
         let (headers, _) = problem(
@@ -267,34 +259,15 @@ async fn redis_killed_under_load_then_restarted() {
         )
         .await;
         assert!(retry_after(&headers) >= 1);
-        let ready = gw
-            .http
-            .get(format!("http://{}/readyz", gw.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(ready.status(), 503);
-        let health = gw
-            .http
-            .get(format!("http://{}/healthz", gw.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(health.status(), 200);
+        assert_eq!(gw.probe("/readyz").await, 503);
+        assert_eq!(gw.probe("/healthz").await, 200);
     }
     assert_eq!(
         upstream.count("/unknown"),
         0,
         "an unverified request was forwarded"
     );
-    let response = a
-        .http
-        .get(a.url("/during"))
-        .header("x-api-key", &witness_secret)
-        .header("x-forwarded-for", "203.0.113.7")
-        .send()
-        .await
-        .unwrap();
+    let response = a.call_from("203.0.113.7", "/during", &witness_secret).await;
     assert_eq!(response.status(), 200);
     // Let a usage flush fail while Redis is away.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -322,13 +295,7 @@ async fn redis_killed_under_load_then_restarted() {
     .await;
     assert_eq!(b.call_with_key("/", &never_used).await.status(), 200);
     for gw in [&a, &b] {
-        let ready = gw
-            .http
-            .get(format!("http://{}/readyz", gw.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(ready.status(), 200);
+        assert_eq!(gw.probe("/readyz").await, 200);
     }
     // The use of the witness during the outage reached Redis once it came back.
     let witness_id = key_id(&witness).to_string();

@@ -422,6 +422,39 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Rotates a key through the admin API, with this grace period or the default.
+    pub async fn rotate(&self, id: &str, grace_period: Option<&str>) -> (u16, Value) {
+        let body = grace_period.map(|g| json!({ "grace_period": g }));
+        self.admin(
+            reqwest::Method::POST,
+            &format!("/v1/keys/{id}/rotate"),
+            body,
+        )
+        .await
+    }
+
+    /// A call as if through a trusted proxy for client `ip` (X-Forwarded-For).
+    pub async fn call_from(&self, ip: &str, path: &str, secret: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .header("x-api-key", secret)
+            .header("x-forwarded-for", ip)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The status of an unauthenticated GET on the admin listener (`/healthz`, `/readyz`).
+    pub async fn probe(&self, path: &str) -> u16 {
+        self.http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn stop(&mut self) -> ExitStatus {
         self.terminate();
