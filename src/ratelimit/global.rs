@@ -213,15 +213,13 @@ impl GlobalLimiter {
         })
     }
 
-    /// Asks Redis to decide one request of `key` (counted when allowed).
+    /// Asks Redis to decide one request of `key` (counted when allowed). Callers look at
+    /// [`GlobalLimiter::remembered_refusal`] first.
     pub(crate) async fn check(
         &self,
         key: &Arc<str>,
         limits: Limits,
     ) -> Result<Verdict, GlobalError> {
-        if let Some(verdict) = self.remembered_refusal(key) {
-            return Ok(verdict);
-        }
         let sent = Instant::now();
         let (reply, answer) = oneshot::channel();
         let ask = Ask {
