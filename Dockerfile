@@ -1,16 +1,23 @@
-# Build stage: the release binary.
+# Build stage: dependencies first (cached until Cargo.toml or Cargo.lock change), then keygate.
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY . .
-RUN cargo build --release --locked
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && for b in hot_path scopes; do echo 'fn main() {}' > benches/$b.rs; done \
+ && cargo build --release --locked --bin keygate \
+ && rm -rf src benches
+COPY src src
+COPY benches benches
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin keygate
 
-# Final stage: the binary, the shipped config, a non-root user.
-FROM debian:bookworm-slim
-RUN useradd --system --home /var/lib/keygate --create-home keygate
+# Final stage: glibc and libgcc only (distroless), running as the non-root user 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/keygate /usr/local/bin/keygate
-COPY config /etc/keygate
-USER keygate
-WORKDIR /var/lib/keygate
+COPY config/keygate.yaml config/compose.yaml config/example.yaml /etc/keygate/
+# The embedded store and a generated admin token go to data/ under the user's home.
+WORKDIR /home/nonroot
+USER nonroot
 EXPOSE 8080 9901
-ENTRYPOINT ["keygate"]
+ENTRYPOINT ["/usr/local/bin/keygate"]
 CMD ["serve", "-c", "/etc/keygate/keygate.yaml"]
