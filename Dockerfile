@@ -1,6 +1,8 @@
 # Build stage: dependencies first (cached until Cargo.toml or Cargo.lock change), then keygate.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# No debug line tables in the image's binary: 10 MB instead of 64 MB.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
