@@ -37,6 +37,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Threads serving requests; `None`: one per CPU.
+    pub workers: Option<usize>,
+}
+
+impl Config {
+    /// The number of worker threads to run: `workers`, else one per CPU.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 impl Default for Config {
@@ -54,6 +65,7 @@ impl Default for Config {
             routes: Vec::new(),
             limits: LimitsConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
+            workers: None,
         }
     }
 }
@@ -508,6 +520,12 @@ impl Config {
                 }
             }
         }
+        if self.workers == Some(0) {
+            problem(
+                "workers".into(),
+                "must be at least 1 (leave it out for one per CPU)".into(),
+            );
+        }
         if self.listen == self.admin.listen && self.listen.port() != 0 {
             problem(
                 "admin.listen".into(),
@@ -738,6 +756,20 @@ routes:
         let good =
             format!("{MINIMAL}store:\n  backend: redis\n  redis_url: redis://10.0.0.5:6380/2\n");
         assert!(Config::parse_with_env(&good, &no_env).is_ok());
+    }
+
+    #[test]
+    fn workers_default_to_one_per_cpu_and_zero_is_refused() {
+        let c = Config::parse_with_env(MINIMAL, &no_env).unwrap();
+        assert_eq!(
+            c.worker_threads(),
+            std::thread::available_parallelism().unwrap().get()
+        );
+        let one = Config::parse_with_env(&format!("{MINIMAL}workers: 1\n"), &no_env).unwrap();
+        assert_eq!(one.worker_threads(), 1);
+        let problems =
+            Config::parse_with_env(&format!("{MINIMAL}workers: 0\n"), &no_env).unwrap_err();
+        assert_eq!(problems[0].path, "workers");
     }
 
     #[test]

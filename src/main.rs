@@ -35,10 +35,6 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(_) => {
@@ -59,7 +55,26 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let workers = config.worker_threads();
+            // Workers are named apart from the blocking pool (the embedded store's thread work)
+            // so an operator can count them in top or /proc: tokio starts its workers first.
+            let named = std::sync::atomic::AtomicUsize::new(0);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name_fn(move || {
+                    let n = named.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n < workers {
+                        "keygate-worker"
+                    } else {
+                        "keygate-blocking"
+                    }
+                    .to_string()
+                })
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             runtime.block_on(async {
+                tracing::info!(workers, "serving with {workers} worker threads");
                 let result = match Listeners::bind(&config).await {
                     Ok(listeners) => server::run(config, listeners, shutdown_signal()).await,
                     Err(e) => Err(e),
@@ -74,7 +89,12 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Keys(args) => match runtime.block_on(run_keys(args)) {
+        Command::Keys(args) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(run_keys(args))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keygate: {e}");

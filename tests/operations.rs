@@ -368,3 +368,20 @@ async fn json_logs_parse_and_never_hold_a_secret() {
         assert!(!logs.contains(&secret[3..]), "a secret in the logs");
     }
 }
+
+/// `workers` sets how many threads serve requests (for comparing worker for worker), and the
+/// gateway says how many it runs.
+#[tokio::test]
+async fn workers_setting_is_followed() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream, "workers: 1\n").await;
+    let (_, secret) = gw.create_simple_key("one-worker").await;
+    assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
+    assert!(gw.logs().contains("serving with 1 worker threads"));
+    let threads = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "keygate-worker")
+        .count();
+    assert_eq!(threads, 1, "worker threads");
+}
