@@ -269,12 +269,7 @@ async fn rotation_with_and_without_grace() {
     let (status, newer) = gw.rotate(&id(&new), Some("0s")).await;
     assert_eq!(status, 201);
     let newer_secret = newer["secret"].as_str().unwrap();
-    support::problem(
-        gw.call_with_key("/", &new_secret).await,
-        401,
-        "expired_api_key",
-    )
-    .await;
+    gw.refused("/", &new_secret, 401, "expired_api_key").await;
     assert_eq!(gw.call_with_key("/", newer_secret).await.status(), 200);
 
     let (_, audit) = gw

@@ -132,7 +132,7 @@ async fn key_lifecycle_through_the_cli_with_a_generated_token() {
     let rotated = secret_in(&stdout);
     gw.remember_secret(&rotated);
     assert_eq!(gw.call_with_key("/", &rotated).await.status(), 200);
-    support::problem(gw.call_with_key("/", &secret).await, 401, "expired_api_key").await;
+    gw.refused("/", &secret, 401, "expired_api_key").await;
     let (code, _, _) = run(&["revoke", &id]);
     assert_eq!(code, 0);
 

@@ -23,58 +23,32 @@ async fn every_bad_credential_gets_401_with_its_code() {
     // Wrong checksum: refused without a store lookup.
     let mut malformed = good.clone();
     malformed.replace_range(5..6, if &good[5..6] == "a" { "b" } else { "a" });
-    problem(
-        gw.call_with_key("/x", &malformed).await,
-        401,
-        "invalid_api_key",
-    )
-    .await;
-    problem(
-        gw.call_with_key("/x", "not-a-key").await,
-        401,
-        "invalid_api_key",
-    )
-    .await;
+    gw.refused("/x", &malformed, 401, "invalid_api_key").await;
+    gw.refused("/x", "not-a-key", 401, "invalid_api_key").await;
 
     // Well-formed but unknown.
     let unknown = keygate::credential::generate("kg_");
-    problem(
-        gw.call_with_key("/x", &unknown).await,
-        401,
-        "invalid_api_key",
-    )
-    .await;
+    gw.refused("/x", &unknown, 401, "invalid_api_key").await;
 
     // Two different credentials.
-    let conflicting = gw
-        .http
-        .get(gw.url("/x"))
-        .header("x-api-key", &good)
-        .header("authorization", format!("Bearer {unknown}"))
-        .send()
-        .await
-        .unwrap();
-    problem(conflicting, 401, "invalid_api_key").await;
-    let repeated = gw
-        .http
-        .get(gw.url("/x"))
-        .header("x-api-key", &good)
-        .header("x-api-key", &unknown)
-        .send()
-        .await
-        .unwrap();
-    problem(repeated, 401, "invalid_api_key").await;
+    let bearer_unknown = format!("Bearer {unknown}");
+    let conflicting = [
+        ("x-api-key", good.as_str()),
+        ("authorization", &bearer_unknown),
+    ];
+    let response = gw.call_with_headers("/x", &conflicting).await;
+    problem(response, 401, "invalid_api_key").await;
+    let repeated = [("x-api-key", good.as_str()), ("x-api-key", &unknown)];
+    let response = gw.call_with_headers("/x", &repeated).await;
+    problem(response, 401, "invalid_api_key").await;
 
     // The same key in both headers is fine, and Bearer is case-insensitive.
-    let both = gw
-        .http
-        .get(gw.url("/x"))
-        .header("x-api-key", &good)
-        .header("authorization", format!("bearer {good}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(both.status(), 200);
+    let bearer_good = format!("bearer {good}");
+    let both = [
+        ("x-api-key", good.as_str()),
+        ("authorization", &bearer_good),
+    ];
+    assert_eq!(gw.call_with_headers("/x", &both).await.status(), 200);
 
     // Expired: a key that expires in 2 s, used after that.
     let expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(2);
@@ -85,18 +59,13 @@ async fn every_bad_credential_gets_401_with_its_code() {
         .await;
     assert_eq!(gw.call_with_key("/x", &short).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(2300)).await;
-    problem(gw.call_with_key("/x", &short).await, 401, "expired_api_key").await;
+    gw.refused("/x", &short, 401, "expired_api_key").await;
 
     // Revoked: refused on the very next request, though the key was cached.
     let (key, revoked) = gw.create_simple_key("to-revoke").await;
     assert_eq!(gw.call_with_key("/x", &revoked).await.status(), 200);
     assert_eq!(gw.revoke(key_id(&key)).await.0, 200);
-    problem(
-        gw.call_with_key("/x", &revoked).await,
-        401,
-        "revoked_api_key",
-    )
-    .await;
+    gw.refused("/x", &revoked, 401, "revoked_api_key").await;
 }
 
 /// The upstream sees the request as sent, minus the credential and hop-by-hop headers, plus
@@ -289,18 +258,10 @@ async fn upstream_failures_are_502_and_504() {
     );
     let gw = Gateway::start(&upstream, &extra).await;
     let (_, secret) = gw.create_simple_key("upstream-fail").await;
-    problem(
-        gw.call_with_key("/down", &secret).await,
-        502,
-        "upstream_unavailable",
-    )
-    .await;
-    problem(
-        gw.call_with_key("/slow?ms=2000", &secret).await,
-        504,
-        "upstream_timeout",
-    )
-    .await;
+    gw.refused("/down", &secret, 502, "upstream_unavailable")
+        .await;
+    gw.refused("/slow?ms=2000", &secret, 504, "upstream_timeout")
+        .await;
     assert_eq!(gw.call_with_key("/slow?ms=10", &secret).await.status(), 200);
 }
 
@@ -329,21 +290,14 @@ async fn repeated_failed_authentication_is_throttled_per_ip() {
     let gw = Gateway::start(&upstream, "limits:\n  failed_auth_per_minute_per_ip: 5\n").await;
     let (_, secret) = gw.create_simple_key("victim-key").await;
     for _ in 0..5 {
-        problem(gw.call_with_key("/", "guess").await, 401, "invalid_api_key").await;
+        gw.refused("/", "guess", 401, "invalid_api_key").await;
     }
-    let (headers, _) = problem(
-        gw.call_with_key("/", "guess").await,
-        429,
-        "too_many_failed_attempts",
-    )
-    .await;
+    let (headers, _) = gw
+        .refused("/", "guess", 429, "too_many_failed_attempts")
+        .await;
     assert!(retry_after(&headers) >= 1);
-    problem(
-        gw.call_with_key("/", &secret).await,
-        429,
-        "too_many_failed_attempts",
-    )
-    .await;
+    gw.refused("/", &secret, 429, "too_many_failed_attempts")
+        .await;
 }
 
 /// 50 MB up and 50 MB down stream through without the gateway's memory growing by that much.

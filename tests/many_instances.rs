@@ -74,8 +74,8 @@ async fn keys_and_their_revocation_reach_every_instance() {
     let (status, _) = b.revoke(key_id(&key)).await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    problem(a.call_with_key("/", &secret).await, 401, "revoked_api_key").await;
-    problem(b.call_with_key("/", &secret).await, 401, "revoked_api_key").await;
+    a.refused("/", &secret, 401, "revoked_api_key").await;
+    b.refused("/", &secret, 401, "revoked_api_key").await;
 
     let (old, old_secret) = b.create_simple_key("rotated").await;
     a.remember_secret(&old_secret);
@@ -85,12 +85,7 @@ async fn keys_and_their_revocation_reach_every_instance() {
     let new_secret = new["secret"].as_str().unwrap();
     a.remember_secret(new_secret);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    problem(
-        a.call_with_key("/", &old_secret).await,
-        401,
-        "expired_api_key",
-    )
-    .await;
+    a.refused("/", &old_secret, 401, "expired_api_key").await;
     assert_eq!(a.call_with_key("/", new_secret).await.status(), 200);
 
     // Both instances recorded uses of the new key; the latest is what both report.
@@ -131,7 +126,7 @@ async fn a_burst_across_three_instances_gets_exactly_the_per_second_limit() {
         "{statuses:?}"
     );
     assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 20);
-    let (headers, body) = problem(c.call_with_key("/", &secret).await, 429, "rate_limited").await;
+    let (headers, body) = c.refused("/", &secret, 429, "rate_limited").await;
     assert_eq!(retry_after(&headers), 1);
     assert!(body["detail"].as_str().unwrap().contains("second"));
     // 3 warm-up requests and 10 of the burst are counted once, whichever instance took them.
@@ -351,12 +346,7 @@ async fn a_paused_redis_does_not_hold_up_cached_keys() {
         );
         assert_eq!(status, 200, "request {i}");
     }
-    problem(
-        a.call_with_key("/", &uncached).await,
-        503,
-        "store_unavailable",
-    )
-    .await;
+    a.refused("/", &uncached, 503, "store_unavailable").await;
     assert!(
         !resumed.load(Ordering::SeqCst),
         "the uncached key waited for Redis"
@@ -398,12 +388,7 @@ async fn limits_follow_on_store_error_while_redis_is_away() {
         statuses.push(local.call_with_key("/", &secret).await.status().as_u16());
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
-    let (headers, body) = problem(
-        reject.call_with_key("/", &secret).await,
-        503,
-        "store_unavailable",
-    )
-    .await;
+    let (headers, body) = reject.refused("/", &secret, 503, "store_unavailable").await;
     assert!(retry_after(&headers) >= 1);
     assert!(body["detail"].as_str().unwrap().contains("rate limits"));
     let metrics = reject.metrics().await;

@@ -69,30 +69,17 @@ async fn metrics_count_exactly_and_pass_promtool() {
         assert_eq!(gw.call_with_key("/api/x", &secret).await.status(), 200);
     }
     for _ in 0..2 {
-        problem(
-            gw.call_with_key("/api/x", &secret).await,
-            429,
-            "rate_limited",
-        )
-        .await;
+        gw.refused("/api/x", &secret, 429, "rate_limited").await;
     }
     for _ in 0..2 {
         let missing = gw.http.get(gw.url("/api/x")).send().await.unwrap();
         problem(missing, 401, "missing_api_key").await;
-        problem(
-            gw.call_with_key("/api/x", "not-a-key").await,
-            401,
-            "invalid_api_key",
-        )
-        .await;
+        gw.refused("/api/x", "not-a-key", 401, "invalid_api_key")
+            .await;
     }
-    problem(gw.call_with_key("/nowhere", &secret).await, 404, "no_route").await;
-    problem(
-        gw.call_with_key("/down", &other).await,
-        502,
-        "upstream_unavailable",
-    )
-    .await;
+    gw.refused("/nowhere", &secret, 404, "no_route").await;
+    gw.refused("/down", &other, 502, "upstream_unavailable")
+        .await;
 
     let after = gw.metrics().await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
@@ -313,23 +300,12 @@ async fn json_logs_parse_and_never_hold_a_secret() {
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     let mut typo = secret.clone();
     typo.pop();
-    problem(gw.call_with_key("/", &typo).await, 401, "invalid_api_key").await;
-    let (_, rotated) = gw
-        .admin(
-            reqwest::Method::POST,
-            &format!("/v1/keys/{}/rotate", key_id(&key)),
-            None,
-        )
-        .await;
+    gw.refused("/", &typo, 401, "invalid_api_key").await;
+    let (_, rotated) = gw.rotate(key_id(&key), None).await;
     let new_secret = rotated["secret"].as_str().unwrap().to_string();
     assert_eq!(gw.call_with_key("/", &new_secret).await.status(), 200);
     assert_eq!(gw.revoke(key_id(&rotated)).await.0, 200);
-    problem(
-        gw.call_with_key("/", &new_secret).await,
-        401,
-        "revoked_api_key",
-    )
-    .await;
+    gw.refused("/", &new_secret, 401, "revoked_api_key").await;
     assert!(gw.stop().success());
 
     let logs = gw.logs();

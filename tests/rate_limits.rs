@@ -28,7 +28,7 @@ async fn shipped_defaults_hold_over_a_minute_and_a_half() {
         assert_eq!(response.status(), 200);
         allowed.push((sent, start.elapsed()));
     }
-    let (headers, _) = problem(gw.call_with_key("/", &secret).await, 429, "rate_limited").await;
+    let (headers, _) = gw.refused("/", &secret, 429, "rate_limited").await;
     assert_eq!(retry_after(&headers), 1);
     assert_eq!(headers["x-ratelimit-remaining"], "90");
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -63,7 +63,7 @@ async fn shipped_defaults_hold_over_a_minute_and_a_half() {
     // One second short of Retry-After the key is still refused; after it, allowed again.
     let refused_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(wait - 1)).await;
-    problem(gw.call_with_key("/", &secret).await, 429, "rate_limited").await;
+    gw.refused("/", &secret, 429, "rate_limited").await;
     tokio::time::sleep(
         (refused_at + Duration::from_secs(wait)).saturating_duration_since(Instant::now()),
     )
@@ -107,13 +107,13 @@ async fn a_key_with_its_own_limits_follows_them() {
     );
     assert_eq!(first.headers()["x-ratelimit-remaining"], "3");
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
-    let (headers, _) = problem(gw.call_with_key("/", &secret).await, 429, "rate_limited").await;
+    let (headers, _) = gw.refused("/", &secret, 429, "rate_limited").await;
     assert_eq!(retry_after(&headers), 1);
     tokio::time::sleep(Duration::from_millis(1050)).await;
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1050)).await;
-    let (headers, _) = problem(gw.call_with_key("/", &secret).await, 429, "rate_limited").await;
+    let (headers, _) = gw.refused("/", &secret, 429, "rate_limited").await;
     assert!((57..=61).contains(&retry_after(&headers)), "{headers:?}");
     // Another key with the defaults is unaffected.
     for _ in 0..5 {

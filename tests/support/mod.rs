@@ -414,12 +414,7 @@ impl Gateway {
 
     /// A GET through the gateway with the key in X-API-Key.
     pub async fn call_with_key(&self, path: &str, secret: &str) -> reqwest::Response {
-        self.http
-            .get(self.url(path))
-            .header("x-api-key", secret)
-            .send()
-            .await
-            .unwrap()
+        self.call_with_headers(path, &[("x-api-key", secret)]).await
     }
 
     /// Rotates a key through the admin API, with this grace period or the default.
@@ -433,15 +428,35 @@ impl Gateway {
         .await
     }
 
+    /// A GET of `path` with these headers (a name may repeat).
+    pub async fn call_with_headers(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.http.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Calls `path` with `secret` and checks the answer is the problem+json refusal `code` with
+    /// `status`; returns its headers and body.
+    pub async fn refused(
+        &self,
+        path: &str,
+        secret: &str,
+        status: u16,
+        code: &str,
+    ) -> (reqwest::header::HeaderMap, Value) {
+        problem(self.call_with_key(path, secret).await, status, code).await
+    }
+
     /// A call as if through a trusted proxy for client `ip` (X-Forwarded-For).
     pub async fn call_from(&self, ip: &str, path: &str, secret: &str) -> reqwest::Response {
-        self.http
-            .get(self.url(path))
-            .header("x-api-key", secret)
-            .header("x-forwarded-for", ip)
-            .send()
-            .await
-            .unwrap()
+        let headers = [("x-api-key", secret), ("x-forwarded-for", ip)];
+        self.call_with_headers(path, &headers).await
     }
 
     /// The status of an unauthenticated GET on the admin listener (`/healthz`, `/readyz`).
