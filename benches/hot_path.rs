@@ -1,99 +1,194 @@
-//! The per-request cost of keygate's own work on a cache hit: extract the credential, check
-//! its shape and checksum, digest it, look it up, and decide both rate limits. Printed as
-//! nanoseconds per request and as a ratio to a bare HashMap lookup measured in the same run.
+//! What keygate's own work costs per request, measured by criterion on the real code
+//! (`keygate::bench::HotPath` is the gateway `serve` builds, minus the sockets):
+//!
+//! - each step of a cache hit alone: credential extraction, shape + checksum, digest,
+//!   cache lookup, both rate-limit windows;
+//! - a whole cache hit as the data plane runs it (failed-auth check, credential, checksum,
+//!   digest, cache, status, usage record, both windows, metrics), with 1,000 keys cached;
+//! - a cache miss answered by the embedded store (SQLite on the blocking pool), 1,000 and
+//!   100,000 keys in the store.
+//!
+//! A bare `HashMap` lookup of a digest runs in the same invocation as the baseline; criterion
+//! prints each figure, and the last lines print each as a ratio to that baseline.
 //!
 //! Run: `cargo bench --bench hot_path`
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::Instant;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
-use dashmap::DashMap;
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use hyper::HeaderMap;
+use keygate::bench::{self, HotPath};
+use keygate::config::Config;
 use keygate::credential;
 use keygate::ratelimit::{KeyWindows, Limits, decide};
+use keygate::store::SqliteStore;
 
-const ROUNDS: u64 = 2_000_000;
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 
-fn time(label: &str, mut f: impl FnMut(u64)) -> f64 {
-    for i in 0..ROUNDS / 10 {
-        f(i);
-    }
-    let start = Instant::now();
-    for i in 0..ROUNDS {
-        f(i);
-    }
-    let ns = start.elapsed().as_nanos() as f64 / ROUNDS as f64;
-    println!("{label:<44} {ns:>8.1} ns");
-    ns
+fn config(dir: &std::path::Path) -> Config {
+    Config::parse(&format!(
+        "listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0, token: bench-admin-token-0123456789}}
+store: {{backend: embedded, path: {}/keygate.db}}
+cache: {{ttl: 1h}}
+routes: [{{name: api, path_prefix: /, upstream: 'http://127.0.0.1:9'}}]
+",
+        dir.display()
+    ))
+    .expect("bench config")
 }
 
-fn main() {
-    let secret = credential::generate("kg_");
+fn headers(secret: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("x-api-key", secret.parse().unwrap());
+    headers
+}
+
+/// A gateway on a fresh embedded store holding `count` keys; their request headers.
+fn gateway(count: usize) -> (tempfile::TempDir, HotPath, Vec<HeaderMap>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("keygate.db")).unwrap();
+    let keys = bench::keys(count, "kg_");
+    bench::import(&store, &keys);
+    let hot = HotPath::new(config(dir.path()), store);
+    let headers = keys.iter().map(|(secret, _)| headers(secret)).collect();
+    (dir, hot, headers)
+}
+
+fn steps(c: &mut Criterion) {
+    let secret = credential::generate("kg_");
+    let headers = headers(&secret);
     let hash = credential::digest(&secret);
-    let keys: DashMap<[u8; 32], u64> = (0..1000u64)
+    let plain: HashMap<[u8; 32], u64> = (0..1000u64)
         .map(|i| (credential::digest(&credential::generate("kg_")), i))
+        .chain([(hash, 7)])
         .collect();
-    keys.insert(hash, 7);
-    let plain: HashMap<[u8; 32], u64> = keys.iter().map(|e| (*e.key(), *e.value())).collect();
-    // Limits high enough that every request is allowed: the allowed path is the common one.
     let limits = Limits {
         per_minute: 1_000_000_000,
         per_second: 1_000_000_000,
     };
-    let windows: DashMap<u64, KeyWindows> = DashMap::new();
-    let start = Instant::now();
+    let mut windows = KeyWindows::default();
+    let start = std::time::Instant::now();
 
-    let baseline = time("baseline: HashMap lookup of a digest", |_| {
-        black_box(plain.get(black_box(&hash)));
+    let mut group = c.benchmark_group("step");
+    group.bench_function("baseline: HashMap lookup of a digest", |b| {
+        b.iter(|| black_box(plain.get(black_box(&hash))))
     });
-    time("extract credential from headers", |_| {
-        black_box(credential::extract(black_box(&headers)).unwrap());
+    group.bench_function("extract credential from headers", |b| {
+        b.iter(|| black_box(credential::extract(black_box(&headers)).unwrap()))
     });
-    time("shape + CRC-32 checksum", |_| {
-        black_box(credential::is_well_formed(black_box(&secret), "kg_"));
+    group.bench_function("shape + CRC-32 checksum", |b| {
+        b.iter(|| black_box(credential::is_well_formed(black_box(&secret), "kg_")))
     });
-    time("SHA-256 digest", |_| {
-        black_box(credential::digest(black_box(&secret)));
+    group.bench_function("SHA-256 digest", |b| {
+        b.iter(|| black_box(credential::digest(black_box(&secret))))
     });
-    time("cache lookup (DashMap)", |_| {
-        black_box(keys.get(black_box(&hash)).map(|v| *v));
+    group.bench_function("both rate-limit windows (decide)", |b| {
+        b.iter(|| {
+            let now = start.elapsed().as_micros() as u64;
+            black_box(decide(&mut windows, limits, now))
+        })
     });
-    time("both rate-limit windows (decide)", |_| {
-        let now = start.elapsed().as_micros() as u64;
-        let mut w = windows.entry(7).or_default();
-        black_box(decide(&mut w, limits, now));
+    group.finish();
+}
+
+fn cache_hit(c: &mut Criterion) {
+    let (_dir, hot, headers) = gateway(1000);
+    // Every key once, so all are cached.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        for h in &headers {
+            assert!(hot.admit(h, CLIENT).await);
+        }
     });
-    // The metric work of one request: a pre-resolved counter and histogram child, as keygate
-    // keeps them (same buckets as src/metrics.rs).
-    let buckets = vec![
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0,
-    ];
-    let counter = prometheus::IntCounter::new("c", "c").unwrap();
-    let histogram =
-        prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("h", "h").buckets(buckets))
-            .unwrap();
-    time("metrics: counter + histogram observe", |i| {
-        counter.inc();
-        histogram.observe(black_box(i as f64 * 1e-7));
+    let mut i = 0;
+    c.bench_function("cache hit: verify + both limits (1,000 keys)", |b| {
+        b.iter(|| {
+            i = (i + 1) % headers.len();
+            assert!(hot.admit_cached(black_box(&headers[i]), CLIENT));
+        });
+        hot.drop_usage();
     });
-    let total = time("all of the above (one cache-hit request)", |_| {
-        let (s, _) = credential::extract(&headers).unwrap();
-        assert!(credential::is_well_formed(s, "kg_"));
-        let h = credential::digest(s);
-        let id = *keys.get(&h).unwrap();
-        let now = start.elapsed().as_micros() as u64;
-        let mut w = windows.entry(id).or_default();
-        black_box(decide(&mut w, limits, now));
-        drop(w);
-        counter.inc();
-        histogram.observe(0.0003);
-    });
-    println!(
-        "ratio of a cache-hit request to the baseline: {:.1}x",
-        total / baseline
-    );
+}
+
+fn cache_miss(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut group = c.benchmark_group("cache miss: embedded store lookup + verify + limits");
+    group.measurement_time(Duration::from_secs(5));
+    for count in [1_000, 100_000] {
+        let (_dir, hot, headers) = gateway(count);
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::from_parameter(count), &count, |b, _| {
+            b.to_async(&runtime).iter(|| {
+                i = (i + 1) % headers.len();
+                hot.clear_cache();
+                let (hot, headers) = (&hot, &headers[i]);
+                async move { assert!(hot.admit(headers, CLIENT).await) }
+            });
+            hot.drop_usage();
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, steps, cache_hit, cache_miss);
+
+fn main() {
+    let started = std::time::SystemTime::now();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    print_ratios(started);
+}
+
+/// Each estimate criterion just wrote, as a ratio to the baseline of this same run.
+fn print_ratios(since: std::time::SystemTime) {
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("criterion");
+    let mut figures: Vec<(String, f64)> = Vec::new();
+    collect(&root, since, &mut figures);
+    let Some(&(_, baseline)) = figures.iter().find(|(name, _)| name.contains("baseline")) else {
+        return;
+    };
+    figures.sort_by(|a, b| a.1.total_cmp(&b.1));
+    println!("\nmean time per call, and its ratio to the baseline (HashMap lookup of a digest):");
+    for (name, ns) in figures {
+        println!("  {name:<64} {ns:>10.1} ns {:>8.1}x", ns / baseline);
+    }
+}
+
+fn collect(dir: &std::path::Path, since: std::time::SystemTime, out: &mut Vec<(String, f64)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let estimates = path.join("new/estimates.json");
+        let benchmark = path.join("new/benchmark.json");
+        let this_run = std::fs::metadata(&estimates)
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at >= since);
+        if !this_run {
+            if path.is_dir() {
+                collect(&path, since, out);
+            }
+            continue;
+        }
+        if let (Ok(e), Ok(b)) = (
+            std::fs::read_to_string(&estimates),
+            std::fs::read_to_string(&benchmark),
+        ) {
+            let e: serde_json::Value = serde_json::from_str(&e).unwrap();
+            let b: serde_json::Value = serde_json::from_str(&b).unwrap();
+            if let (Some(ns), Some(name)) =
+                (e["mean"]["point_estimate"].as_f64(), b["full_id"].as_str())
+            {
+                out.push((name.to_string(), ns));
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,24 +28,10 @@ const KEYS: usize = 100;
 const CONNECTIONS: usize = 64;
 const WARM_UP: Duration = Duration::from_secs(1);
 const MEASURE: Duration = Duration::from_secs(5);
+mod support;
+use support::{Killed, cpu_seconds, free_port};
+
 const TOKEN: &str = "bench-admin-token-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start_redis(dir: &std::path::Path) -> (Killed, u16) {
     let port = free_port();
@@ -66,13 +52,8 @@ fn start_redis(dir: &std::path::Path) -> (Killed, u16) {
             .spawn()
             .expect("redis-server on the PATH"),
     );
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (redis, port);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("redis-server did not start");
+    support::wait_for_port(port, "redis-server", Duration::from_secs(4));
+    (redis, port)
 }
 
 async fn start_upstream() -> SocketAddr {
@@ -148,18 +129,6 @@ async fn create_keys(http: &reqwest::Client, admin: SocketAddr, scope: &str) -> 
         secrets.push(key["secret"].as_str().unwrap().to_string());
     }
     secrets
-}
-
-/// CPU seconds a process has used so far (user + system), from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|t| t.parse::<f64>().ok()).sum()
-    });
-    ticks / 100.0
 }
 
 struct Run {

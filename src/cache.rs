@@ -108,6 +108,11 @@ impl KeyCache {
         self.map.remove(hash);
     }
 
+    /// Forgets everything.
+    pub(crate) fn clear(&self) {
+        self.map.clear();
+    }
+
     /// Makes every verified key stale and forgets unknown ones: after changes may have been
     /// missed, each key is asked of the store again on its next use (and still served while
     /// the store cannot answer, within `stale_if_error`).

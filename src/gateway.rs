@@ -192,7 +192,7 @@ impl Gateway {
     }
 
     /// Credential → key → status, with the per-IP limit on failed attempts around it.
-    async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,
@@ -287,7 +287,7 @@ impl Gateway {
 
     /// Decides one request of a key: globally through Redis when so configured and Redis is
     /// up, else by `on_store_error` (this instance's limits, or 503).
-    async fn rate_check(&self, key: &CachedKey) -> Result<Verdict, GatewayError> {
+    pub(crate) async fn rate_check(&self, key: &CachedKey) -> Result<Verdict, GatewayError> {
         if let Some(global) = &self.global {
             if let Some(verdict) = global.remembered_refusal(&key.id) {
                 return Ok(verdict);

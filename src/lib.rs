@@ -16,6 +16,8 @@
 //! - `metrics`: the Prometheus registry of one gateway instance.
 //! - [`cli`]: the `keygate` command line.
 
+#[doc(hidden)]
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod credential;

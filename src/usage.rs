@@ -50,6 +50,13 @@ impl UsageRecorder {
         });
     }
 
+    /// Forgets pending uses unwritten (benchmarks only: a flush without a store).
+    pub(crate) fn discard_pending(&self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        n
+    }
+
     pub(crate) fn push_audit(&self, event: AuditEvent) {
         self.audit
             .lock()

@@ -45,6 +45,10 @@ CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id, seq);
 const COLUMNS: &str = "id, hash, prefix, name, description, owner, family, created_at, \
     expires_at, revoked_at, last_used_at, last_used_ip, per_minute, per_second, metadata";
 
+const KEY_BY_HASH: &str = "SELECT id, hash, prefix, name, description, owner, family, created_at, \
+    expires_at, revoked_at, last_used_at, last_used_ip, per_minute, per_second, metadata \
+    FROM keys WHERE hash = ?1";
+
 /// The embedded store. SQLite connections are not `Sync`, so one connection sits behind a
 /// mutex and every call runs on the blocking pool, never on the async workers.
 #[derive(Debug, Clone)]
@@ -74,6 +78,24 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Writes many keys in one transaction, without the name and per-owner rules of
+    /// [`Store::insert_key`]: for loading benchmark stores of a million keys in seconds.
+    #[doc(hidden)]
+    pub fn import<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a KeyRecord>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tx = conn.transaction().map_err(unavailable)?;
+        for key in keys {
+            insert(&tx, key)?;
+        }
+        tx.commit().map_err(unavailable)
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -250,13 +272,11 @@ impl Store for SqliteStore {
     async fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
         let hash = *hash;
         self.run(move |conn| {
-            conn.query_row(
-                &format!("SELECT {COLUMNS} FROM keys WHERE hash = ?1"),
-                params![hash.as_slice()],
-                key_from_row,
-            )
-            .optional()
-            .map_err(unavailable)
+            // The one query of the data plane: prepared once per connection, not per request.
+            conn.prepare_cached(KEY_BY_HASH)
+                .and_then(|mut query| query.query_row(params![hash.as_slice()], key_from_row))
+                .optional()
+                .map_err(unavailable)
         })
         .await
     }

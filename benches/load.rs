@@ -1,0 +1,481 @@
+//! keygate against nginx doing the same job, and against the bare upstream, in one run.
+//!
+//! Starts, on loopback:
+//! - the bare upstream: nginx, one worker, `return 200`;
+//! - nginx as keygate: one worker, a `map` of the same valid keys (401 for any other), two
+//!   `limit_req` zones keyed by the key (per minute and per second, high enough that nothing is
+//!   refused), the key header stripped, `X-Forwarded-*` and the key id added, keep-alive to the
+//!   upstream, an access log line per request;
+//! - keygate, `workers: 1`, on the embedded store holding the same keys, its access log on;
+//! - with `--big N`, a second keygate whose store holds N keys, all in use.
+//!
+//! Each target is driven by wrk (`benches/rotate_keys.lua`: every request the next key, so all
+//! are in use) with fixed connections; runs of all targets are interleaved, so drift hits all
+//! alike. Processes are pinned: wrk alone on CPU 0; the target and the upstream on CPU 1.
+//! Prints requests/s, p50, p99 (median of the runs), each target's ratio to the bare upstream,
+//! keygate's to nginx (per run, then the median), and keygate's memory.
+//!
+//! Run: `cargo bench --bench load` (options after `--`: `--runs 5 --seconds 10
+//! --connections 64 --keys 1000 --big 1000000`). Installs nginx and wrk with apt-get when
+//! missing.
+
+mod support;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use keygate::bench;
+use keygate::store::SqliteStore;
+use support::{Killed, free_port, memory_mib, wait_for_port};
+
+const TOKEN: &str = "bench-admin-token-0123456789";
+const MISSES: &str = "keygate_key_cache_lookups_total{result=\"miss\"}";
+const WRK_SCRIPT: &str = include_str!("rotate_keys.lua");
+
+struct Options {
+    runs: usize,
+    seconds: u64,
+    connections: usize,
+    keys: usize,
+    big: Option<usize>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        runs: 5,
+        seconds: 10,
+        connections: 64,
+        keys: 1000,
+        big: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || -> usize {
+            it.next()
+                .and_then(|v| v.replace('_', "").parse().ok())
+                .unwrap_or_else(|| panic!("{arg} takes a number"))
+        };
+        match arg.as_str() {
+            "--runs" => o.runs = value(),
+            "--seconds" => o.seconds = value() as u64,
+            "--connections" => o.connections = value(),
+            "--keys" => o.keys = value(),
+            "--big" => o.big = Some(value()),
+            _ => {} // `--bench`, added by cargo
+        }
+    }
+    o
+}
+
+/// Installs what the bench drives with, as `scripts/test` does for the tests.
+fn ensure_tools() {
+    let missing: Vec<&str> = [("nginx", "nginx"), ("wrk", "wrk")]
+        .into_iter()
+        .filter(|(bin, _)| !on_path(bin))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n");
+    let sudo = if root.unwrap_or(false) {
+        vec![]
+    } else {
+        vec!["sudo"]
+    };
+    let apt = |args: &[&str]| {
+        Command::new(sudo.first().copied().unwrap_or("apt-get"))
+            .args(sudo.first().map(|_| "apt-get"))
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _ = apt(&["update", "-qq"]);
+    assert!(
+        apt(&[&["install", "-y", "-qq"][..], &missing].concat()),
+        "could not install {missing:?}: install them and run again"
+    );
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .any(|p| p.join(bin).is_file() || Path::new("/usr/sbin").join(bin).is_file())
+    })
+}
+
+fn nginx_binary() -> PathBuf {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("nginx"))
+}
+
+/// `taskset -c <cpu>` when the machine has that CPU, else nothing (figures then less stable).
+fn pinned(cpu: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 && on_path("taskset") {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(cpu.to_string()).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// The lines every nginx config here starts with: one worker, everything under `dir`.
+fn nginx_head(dir: &Path, name: &str) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  client_body_temp_path {d}/{name}-body;\n  proxy_temp_path {d}/{name}-proxy;\n\
+         fastcgi_temp_path {d}/{name}-fcgi;\n  uwsgi_temp_path {d}/{name}-uwsgi;\n  scgi_temp_path {d}/{name}-scgi;\n"
+    )
+}
+
+fn start_nginx(dir: &Path, name: &str, config: &str, port: u16) -> Killed {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, config).unwrap();
+    let child = pinned(1, nginx_binary())
+        .args(["-e", "stderr", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nginx");
+    let process = Killed(child);
+    wait_for_port(port, name, Duration::from_secs(30));
+    process
+}
+
+fn upstream_config(dir: &Path, port: u16) -> String {
+    nginx_head(dir, "upstream")
+        + &format!(
+            "  access_log off;\n  keepalive_requests 1000000;\n\
+             server {{ listen 127.0.0.1:{port} reuseport backlog=4096; location / {{ return 200 \"ok\"; }} }}\n}}\n"
+        )
+}
+
+/// nginx doing keygate's job as closely as nginx can.
+fn proxy_config(dir: &Path, port: u16, upstream: u16, keys: &Path, key_count: usize) -> String {
+    let d = dir.display();
+    // Room for every key's limit state: about 128 bytes a key and window.
+    let zone_mib = (key_count * 128 / (1 << 20)).max(1) * 2;
+    nginx_head(dir, "proxy")
+        + &format!(
+            "  access_log {d}/proxy.access.log;\n  keepalive_requests 1000000;\n\
+  map_hash_max_size {hash};\n  map_hash_bucket_size 128;\n\
+  map $http_x_api_key $key_id {{\n    default \"\";\n    include {keys};\n  }}\n\
+  limit_req_zone $http_x_api_key zone=per_minute:{zone_mib}m rate=1000000000r/m;\n\
+  limit_req_zone $http_x_api_key zone=per_second:{zone_mib}m rate=1000000r/s;\n\
+  upstream api {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+  server {{\n    listen 127.0.0.1:{port} reuseport backlog=4096;\n\
+    location / {{\n      if ($key_id = \"\") {{ return 401; }}\n\
+      limit_req zone=per_minute burst=1000000 nodelay;\n\
+      limit_req zone=per_second burst=1000000 nodelay;\n\
+      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+      proxy_set_header X-API-Key \"\";\n      proxy_set_header X-Forwarded-For $remote_addr;\n\
+      proxy_set_header X-Forwarded-Proto $scheme;\n      proxy_set_header X-Forwarded-Host $host;\n\
+      proxy_set_header X-Keygate-Key-Id $key_id;\n      proxy_pass http://api;\n    }}\n  }}\n}}\n",
+            keys = keys.display(),
+            hash = (key_count * 4).max(4096),
+        )
+}
+
+/// A keygate with one worker on an embedded store of `count` fresh keys; the file of their
+/// secrets for wrk, and the nginx `map` lines of the same keys.
+struct Keygate {
+    process: Killed,
+    port: u16,
+    admin: u16,
+    secrets: PathBuf,
+    map: PathBuf,
+}
+
+fn start_keygate(dir: &Path, name: &str, count: usize, upstream: u16) -> Keygate {
+    let started = std::time::Instant::now();
+    let keys = bench::keys(count, "kg_");
+    let store = dir.join(format!("{name}.db"));
+    bench::import(&SqliteStore::open(&store).unwrap(), &keys);
+    let (mut secrets, mut map) = (String::new(), String::new());
+    for (secret, record) in &keys {
+        writeln!(secrets, "{secret}").unwrap();
+        writeln!(map, "\"{secret}\" \"{}\";", record.id).unwrap();
+    }
+    drop(keys);
+    let secrets_path = dir.join(format!("{name}.keys"));
+    let map_path = dir.join(format!("{name}.map"));
+    std::fs::write(&secrets_path, secrets).unwrap();
+    std::fs::write(&map_path, map).unwrap();
+    eprintln!("{name}: {count} keys written in {:.1?}", started.elapsed());
+
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.join(format!("{name}.yaml"));
+    // A cache ttl past the bench's length: keys are verified once, as in a steady state where
+    // each key comes back within its ttl. Limits far above the load: nothing is refused.
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\nworkers: 1\nadmin: {{listen: '127.0.0.1:{admin}', token: {TOKEN}}}\n\
+             store: {{backend: embedded, path: '{}'}}\ncache: {{ttl: 1h}}\n\
+             rate_limit: {{per_minute: 1000000000, per_second: 1000000}}\n\
+             limits: {{failed_auth_per_minute_per_ip: 0}}\n\
+             routes: [{{name: api, path_prefix: /, upstream: 'http://127.0.0.1:{upstream}'}}]\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = pinned(1, env!("CARGO_BIN_EXE_keygate"))
+        .args(["serve", "-c"])
+        .arg(&config)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let process = Killed(child);
+    wait_for_port(port, name, Duration::from_secs(30));
+    Keygate {
+        process,
+        port,
+        admin,
+        secrets: secrets_path,
+        map: map_path,
+    }
+}
+
+/// One wrk run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failed: u64,
+}
+
+fn wrk(port: u16, keys: &Path, script: &Path, seconds: u64, connections: usize) -> Run {
+    let output = pinned(0, "wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
+        .arg("-s")
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}/bench"))
+        .env("KEYS_FILE", keys)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let fields: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("wrk printed no result:\n{text}"))
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    Run {
+        per_second: fields[0] / (fields[1] / 1e6),
+        p50_ms: fields[2] / 1e3,
+        p99_ms: fields[3] / 1e3,
+        failed: (fields[4] + fields[5]) as u64,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// A counter of keygate's `/metrics`, summed over its label sets.
+fn metric(admin: u16, name: &str) -> f64 {
+    let output = Command::new("curl")
+        .args(["-sf", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://127.0.0.1:{admin}/metrics"))
+        .output();
+    let text = output
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Target {
+    name: String,
+    port: u16,
+    keys: PathBuf,
+    pid: u32,
+    runs: Vec<Run>,
+}
+
+fn main() {
+    let o = options();
+    ensure_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let script = d.join("rotate_keys.lua");
+    std::fs::write(&script, WRK_SCRIPT).unwrap();
+
+    let upstream_port = free_port();
+    let upstream = start_nginx(
+        d,
+        "upstream",
+        &upstream_config(d, upstream_port),
+        upstream_port,
+    );
+    let keygate = start_keygate(d, "keygate", o.keys, upstream_port);
+    let proxy_port = free_port();
+    let proxy = start_nginx(
+        d,
+        "proxy",
+        &proxy_config(d, proxy_port, upstream_port, &keygate.map, o.keys),
+        proxy_port,
+    );
+    let big = o
+        .big
+        .map(|n| (n, start_keygate(d, "keygate-big", n, upstream_port)));
+
+    let mut targets = vec![
+        Target {
+            name: "bare upstream (nginx return 200)".into(),
+            port: upstream_port,
+            keys: keygate.secrets.clone(),
+            pid: upstream.0.id(),
+            runs: vec![],
+        },
+        Target {
+            name: format!("nginx doing the job, {} keys", o.keys),
+            port: proxy_port,
+            keys: keygate.secrets.clone(),
+            pid: proxy.0.id(),
+            runs: vec![],
+        },
+        Target {
+            name: format!("keygate, {} keys", o.keys),
+            port: keygate.port,
+            keys: keygate.secrets.clone(),
+            pid: keygate.process.0.id(),
+            runs: vec![],
+        },
+    ];
+    if let Some((n, big)) = &big {
+        targets.push(Target {
+            name: format!("keygate, {n} keys"),
+            port: big.port,
+            keys: big.secrets.clone(),
+            pid: big.process.0.id(),
+            runs: vec![],
+        });
+    }
+
+    // Warm-up: every key once through each keygate (so each is cached, as in a steady state),
+    // and a few seconds of each target.
+    for (admin, count) in
+        std::iter::once((keygate.admin, o.keys)).chain(big.iter().map(|(n, k)| (k.admin, *n)))
+    {
+        let target = targets
+            .iter()
+            .find(|t| t.name.ends_with(&format!("keygate, {count} keys")));
+        let target = target.unwrap();
+        while metric(admin, MISSES) < count as f64 {
+            wrk(target.port, &target.keys, &script, 2, o.connections);
+        }
+    }
+    for t in &targets {
+        wrk(t.port, &t.keys, &script, 2, o.connections);
+    }
+    let misses_before = metric(keygate.admin, MISSES);
+
+    println!(
+        "wrk -t1 -c{} -d{}s, {} runs per target, interleaved; wrk on CPU 0, target and upstream on CPU 1",
+        o.connections, o.seconds, o.runs
+    );
+    for run in 1..=o.runs {
+        for t in &mut targets {
+            let r = wrk(t.port, &t.keys, &script, o.seconds, o.connections);
+            println!(
+                "  run {run}  {:<36} {:>9.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms{}",
+                t.name,
+                r.per_second,
+                r.p50_ms,
+                r.p99_ms,
+                if r.failed > 0 {
+                    format!("  FAILED {}", r.failed)
+                } else {
+                    String::new()
+                }
+            );
+            t.runs.push(r);
+        }
+    }
+
+    let column = |t: &Target, f: fn(&Run) -> f64| median(t.runs.iter().map(f).collect());
+    let bare = column(&targets[0], |r| r.per_second);
+    println!(
+        "\n| target | requests/s | p50 ms | p99 ms | × bare upstream | failed |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for t in &targets {
+        let rps = column(t, |r| r.per_second);
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            t.name,
+            rps,
+            column(t, |r| r.p50_ms),
+            column(t, |r| r.p99_ms),
+            rps / bare,
+            t.runs.iter().map(|r| r.failed).sum::<u64>()
+        );
+    }
+    let ratio = |a: &Target, b: &Target, f: fn(&Run) -> f64| {
+        median(
+            a.runs
+                .iter()
+                .zip(&b.runs)
+                .map(|(x, y)| f(x) / f(y))
+                .collect(),
+        )
+    };
+    let (nginx, ours) = (&targets[1], &targets[2]);
+    println!(
+        "\nkeygate / nginx, median of the per-run ratios: requests/s {:.2}x, p50 {:.2}x, p99 {:.2}x",
+        ratio(ours, nginx, |r| r.per_second),
+        ratio(ours, nginx, |r| r.p50_ms),
+        ratio(ours, nginx, |r| r.p99_ms),
+    );
+    let misses = metric(keygate.admin, MISSES) - misses_before;
+    println!("keygate cache misses during the measured runs: {misses}");
+    for t in &targets[2..] {
+        println!(
+            "{}: RSS {:.0} MiB, peak {:.0} MiB",
+            t.name,
+            memory_mib(t.pid, "VmRSS"),
+            memory_mib(t.pid, "VmHWM")
+        );
+    }
+    if let Some(big) = targets.get(3) {
+        let (small, n) = (&targets[2], o.big.unwrap_or(1));
+        println!(
+            "{n} keys vs {} keys: requests/s {:.2}x, p99 {:.2}x; memory per key {:.0} bytes",
+            o.keys,
+            ratio(big, small, |r| r.per_second),
+            ratio(big, small, |r| r.p99_ms),
+            (memory_mib(big.pid, "VmRSS") - memory_mib(small.pid, "VmRSS")) * 1048576.0
+                / (n - o.keys) as f64
+        );
+    }
+}
