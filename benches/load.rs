@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use keygate::bench;
 use keygate::store::SqliteStore;
-use support::{Killed, free_port, memory_mib, wait_for_port};
+use support::{Killed, free_port, memory_mib, tree_cpu_seconds, wait_for_port};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 const MISSES: &str = "keygate_key_cache_lookups_total{result=\"miss\"}";
@@ -40,6 +40,8 @@ struct Options {
     connections: usize,
     keys: usize,
     big: Option<usize>,
+    /// Only the targets whose name contains this (for profiling one of them).
+    only: Option<String>,
 }
 
 fn options() -> Options {
@@ -49,6 +51,7 @@ fn options() -> Options {
         connections: 64,
         keys: 1000,
         big: None,
+        only: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -64,6 +67,7 @@ fn options() -> Options {
             "--connections" => o.connections = value(),
             "--keys" => o.keys = value(),
             "--big" => o.big = Some(value()),
+            "--only" => o.only = it.next().cloned(),
             _ => {} // `--bench`, added by cargo
         }
     }
@@ -262,6 +266,8 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     failed: u64,
+    /// CPU time of the target (all its processes and threads) per request.
+    cpu_us: f64,
 }
 
 fn wrk(port: u16, keys: &Path, script: &Path, seconds: u64, connections: usize) -> Run {
@@ -287,6 +293,7 @@ fn wrk(port: u16, keys: &Path, script: &Path, seconds: u64, connections: usize) 
         p50_ms: fields[2] / 1e3,
         p99_ms: fields[3] / 1e3,
         failed: (fields[4] + fields[5]) as u64,
+        cpu_us: fields[0],
     }
 }
 
@@ -396,6 +403,9 @@ fn main() {
             wrk(target.port, &target.keys, &script, 2, o.connections);
         }
     }
+    if let Some(only) = &o.only {
+        targets.retain(|t| t.name.contains(only.as_str()));
+    }
     for t in &targets {
         wrk(t.port, &t.keys, &script, 2, o.connections);
     }
@@ -407,13 +417,16 @@ fn main() {
     );
     for run in 1..=o.runs {
         for t in &mut targets {
-            let r = wrk(t.port, &t.keys, &script, o.seconds, o.connections);
+            let cpu = tree_cpu_seconds(t.pid);
+            let mut r = wrk(t.port, &t.keys, &script, o.seconds, o.connections);
+            r.cpu_us = (tree_cpu_seconds(t.pid) - cpu) * 1e6 / r.cpu_us;
             println!(
-                "  run {run}  {:<36} {:>9.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms{}",
+                "  run {run}  {:<36} {:>9.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms  CPU {:>5.1} µs/req{}",
                 t.name,
                 r.per_second,
                 r.p50_ms,
                 r.p99_ms,
+                r.cpu_us,
                 if r.failed > 0 {
                     format!("  FAILED {}", r.failed)
                 } else {
@@ -424,20 +437,24 @@ fn main() {
         }
     }
 
+    if targets.len() < 3 {
+        return;
+    }
     let column = |t: &Target, f: fn(&Run) -> f64| median(t.runs.iter().map(f).collect());
     let bare = column(&targets[0], |r| r.per_second);
     println!(
-        "\n| target | requests/s | p50 ms | p99 ms | × bare upstream | failed |\n|---|---:|---:|---:|---:|---:|"
+        "\n| target | requests/s | p50 ms | p99 ms | × bare upstream | CPU µs/request | failed |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     for t in &targets {
         let rps = column(t, |r| r.per_second);
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
             t.name,
             rps,
             column(t, |r| r.p50_ms),
             column(t, |r| r.p99_ms),
             rps / bare,
+            column(t, |r| r.cpu_us),
             t.runs.iter().map(|r| r.failed).sum::<u64>()
         );
     }

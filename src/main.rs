@@ -10,6 +10,11 @@ use keygate::error_chain;
 use keygate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: a request allocates and frees many small buffers across tasks; measured
+/// cheaper than glibc's malloc per request (see benches/load.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -56,8 +61,40 @@ fn main() -> ExitCode {
                 }
             };
             let workers = config.worker_threads();
+            let serve = async move {
+                tracing::info!(workers, "serving with {workers} worker threads");
+                let result = match Listeners::bind(&config).await {
+                    Ok(listeners) => server::run(config, listeners, shutdown_signal()).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{}", error_chain(&e));
+                        eprintln!("keygate: {}", error_chain(&e));
+                        ExitCode::FAILURE
+                    }
+                }
+            };
             // Workers are named apart from the blocking pool (the embedded store's thread work)
-            // so an operator can count them in top or /proc: tokio starts its workers first.
+            // so an operator can count them in top or /proc.
+            if workers == 1 {
+                // One worker: tokio's single-thread scheduler, on a thread of its own. It does
+                // the same work as a one-thread pool without the work-stealing machinery
+                // (measured: see benches/load.rs).
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .thread_name("keygate-blocking")
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                return std::thread::Builder::new()
+                    .name("keygate-worker".into())
+                    .spawn(move || runtime.block_on(serve))
+                    .expect("worker thread")
+                    .join()
+                    .unwrap_or(ExitCode::FAILURE);
+            }
+            // tokio starts its workers first, then blocking threads as needed.
             let named = std::sync::atomic::AtomicUsize::new(0);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
@@ -73,21 +110,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            runtime.block_on(async {
-                tracing::info!(workers, "serving with {workers} worker threads");
-                let result = match Listeners::bind(&config).await {
-                    Ok(listeners) => server::run(config, listeners, shutdown_signal()).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!("{}", error_chain(&e));
-                        eprintln!("keygate: {}", error_chain(&e));
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+            runtime.block_on(serve)
         }
         Command::Keys(args) => match tokio::runtime::Builder::new_current_thread()
             .enable_all()

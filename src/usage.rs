@@ -16,7 +16,7 @@ const RATE_LIMITED_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 pub(crate) struct UsageRecorder {
-    pending: DashMap<Arc<str>, (Timestamp, IpAddr)>,
+    pending: DashMap<Arc<str>, (Timestamp, IpAddr), foldhash::fast::RandomState>,
     audit: Mutex<Vec<AuditEvent>>,
     rate_limited_noted: DashMap<Arc<str>, Instant>,
 }

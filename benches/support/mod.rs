@@ -32,7 +32,17 @@ pub(crate) fn wait_for_port(port: u16, what: &str, limit: Duration) {
 pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
+    /// SIGTERM first, so an nginx master stops its workers; SIGKILL after 3 s.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.id().to_string())
+            .status();
+        for _ in 0..150 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -48,6 +58,18 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
         f.iter().filter_map(|t| t.parse::<f64>().ok()).sum()
     });
     ticks / 100.0
+}
+
+/// CPU seconds of a process and its children (an nginx master and its workers).
+pub(crate) fn tree_cpu_seconds(pid: u32) -> f64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    cpu_seconds(pid)
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(tree_cpu_seconds)
+            .sum::<f64>()
 }
 
 /// A line of /proc/<pid>/status in MiB: `VmRSS` (now) or `VmHWM` (peak).

@@ -183,7 +183,7 @@ struct Refusal {
 #[derive(Debug)]
 pub(crate) struct GlobalLimiter {
     queue: mpsc::Sender<Ask>,
-    refused: DashMap<Arc<str>, Refusal>,
+    refused: DashMap<Arc<str>, Refusal, foldhash::fast::RandomState>,
     prefix: String,
 }
 
@@ -194,7 +194,7 @@ impl GlobalLimiter {
         tokio::spawn(batch_worker(asks, conn));
         GlobalLimiter {
             queue,
-            refused: DashMap::new(),
+            refused: DashMap::default(),
             prefix: prefix.to_string(),
         }
     }

@@ -66,14 +66,14 @@ impl Window {
 /// This instance's memory of every key's windows.
 #[derive(Debug)]
 pub(crate) struct LocalLimiter {
-    windows: DashMap<Arc<str>, KeyWindows>,
+    windows: DashMap<Arc<str>, KeyWindows, foldhash::fast::RandomState>,
     epoch: Instant,
 }
 
 impl LocalLimiter {
     pub(crate) fn new() -> LocalLimiter {
         LocalLimiter {
-            windows: DashMap::new(),
+            windows: DashMap::default(),
             epoch: Instant::now(),
         }
     }
