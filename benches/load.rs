@@ -270,13 +270,14 @@ struct Run {
     cpu_us: f64,
 }
 
-fn wrk(port: u16, keys: &Path, script: &Path, seconds: u64, connections: usize) -> Run {
+fn wrk(t: &mut Target, script: &Path, seconds: u64, connections: usize) -> Run {
     let output = pinned(0, "wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
         .arg("-s")
         .arg(script)
-        .arg(format!("http://127.0.0.1:{port}/bench"))
-        .env("KEYS_FILE", keys)
+        .arg(format!("http://127.0.0.1:{}/bench", t.port))
+        .env("KEYS_FILE", &t.keys)
+        .env("KEYS_START", t.next_key.to_string())
         .stderr(Stdio::inherit())
         .output()
         .expect("wrk");
@@ -288,6 +289,7 @@ fn wrk(port: u16, keys: &Path, script: &Path, seconds: u64, connections: usize) 
         .split_whitespace()
         .map(|f| f.parse().unwrap())
         .collect();
+    t.next_key += fields[0] as u64;
     Run {
         per_second: fields[0] / (fields[1] / 1e6),
         p50_ms: fields[2] / 1e3,
@@ -328,6 +330,8 @@ struct Target {
     keys: PathBuf,
     pid: u32,
     runs: Vec<Run>,
+    /// Where the next run starts in the key file: each run goes on where the last stopped.
+    next_key: u64,
 }
 
 fn main() {
@@ -364,6 +368,7 @@ fn main() {
             keys: keygate.secrets.clone(),
             pid: upstream.0.id(),
             runs: vec![],
+            next_key: 0,
         },
         Target {
             name: format!("nginx doing the job, {} keys", o.keys),
@@ -371,6 +376,7 @@ fn main() {
             keys: keygate.secrets.clone(),
             pid: proxy.0.id(),
             runs: vec![],
+            next_key: 0,
         },
         Target {
             name: format!("keygate, {} keys", o.keys),
@@ -378,6 +384,7 @@ fn main() {
             keys: keygate.secrets.clone(),
             pid: keygate.process.0.id(),
             runs: vec![],
+            next_key: 0,
         },
     ];
     if let Some((n, big)) = &big {
@@ -387,6 +394,7 @@ fn main() {
             keys: big.secrets.clone(),
             pid: big.process.0.id(),
             runs: vec![],
+            next_key: 0,
         });
     }
 
@@ -396,18 +404,18 @@ fn main() {
         std::iter::once((keygate.admin, o.keys)).chain(big.iter().map(|(n, k)| (k.admin, *n)))
     {
         let target = targets
-            .iter()
-            .find(|t| t.name.ends_with(&format!("keygate, {count} keys")));
-        let target = target.unwrap();
+            .iter_mut()
+            .find(|t| t.name.ends_with(&format!("keygate, {count} keys")))
+            .unwrap();
         while metric(admin, MISSES) < count as f64 {
-            wrk(target.port, &target.keys, &script, 2, o.connections);
+            wrk(target, &script, 2, o.connections);
         }
     }
     if let Some(only) = &o.only {
         targets.retain(|t| t.name.contains(only.as_str()));
     }
-    for t in &targets {
-        wrk(t.port, &t.keys, &script, 2, o.connections);
+    for t in &mut targets {
+        wrk(t, &script, 2, o.connections);
     }
     let misses_before = metric(keygate.admin, MISSES);
 
@@ -418,7 +426,7 @@ fn main() {
     for run in 1..=o.runs {
         for t in &mut targets {
             let cpu = tree_cpu_seconds(t.pid);
-            let mut r = wrk(t.port, &t.keys, &script, o.seconds, o.connections);
+            let mut r = wrk(t, &script, o.seconds, o.connections);
             r.cpu_us = (tree_cpu_seconds(t.pid) - cpu) * 1e6 / r.cpu_us;
             println!(
                 "  run {run}  {:<36} {:>9.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms  CPU {:>5.1} µs/req{}",

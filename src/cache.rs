@@ -11,18 +11,20 @@ use dashmap::DashMap;
 use hyper::header::HeaderValue;
 
 use crate::config::CacheConfig;
-use crate::key::KeyRecord;
+use crate::key::{KeyRecord, Status};
 use crate::ratelimit::Limits;
 
 /// Unknown keys remembered at most: past this, a flood of random keys is not cached
 /// (each such request then costs a store lookup, and the per-IP failed-auth limit applies).
 const MAX_NEGATIVE_ENTRIES: usize = 1_000_000;
 
-/// A verified key with what the hot path needs already built.
+/// A verified key: only what the hot path needs, already built (a cached key costs memory
+/// a million times over, so the rest of the record stays in the store).
 #[derive(Debug)]
 pub(crate) struct CachedKey {
-    pub(crate) record: KeyRecord,
     pub(crate) id: Arc<str>,
+    revoked: bool,
+    expires_at: Option<jiff::Timestamp>,
     pub(crate) limits: Limits,
     pub(crate) policy: HeaderValue,
     pub(crate) id_header: HeaderValue,
@@ -32,15 +34,24 @@ pub(crate) struct CachedKey {
 impl CachedKey {
     pub(crate) fn new(record: KeyRecord, defaults: Limits) -> CachedKey {
         let limits = record.limits(defaults);
+        let header = |text: String| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or(HeaderValue::from_static(""))
+        };
         CachedKey {
             id: Arc::from(record.id.as_str()),
+            revoked: record.revoked_at.is_some(),
+            expires_at: record.expires_at,
             policy: limits.policy_header(),
             limits,
-            id_header: HeaderValue::from_str(&record.id).unwrap_or(HeaderValue::from_static("")),
-            owner_header: HeaderValue::from_str(&record.owner)
-                .unwrap_or(HeaderValue::from_static("")),
-            record,
+            id_header: header(record.id),
+            owner_header: header(record.owner),
         }
+    }
+
+    /// The key's status now, as [`KeyRecord::status`] computes it.
+    pub(crate) fn status(&self, now: jiff::Timestamp) -> Status {
+        crate::key::status_at(self.revoked, self.expires_at, now)
     }
 }
 

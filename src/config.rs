@@ -253,6 +253,8 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     #[serde(with = "duration")]
     pub timeout: Duration,
+    /// PEM certificates trusted for an `https` upstream besides the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RouteConfig {
@@ -265,6 +267,7 @@ impl Default for RouteConfig {
             auth: AuthMode::Required,
             strip_prefix: false,
             timeout: Duration::from_secs(30),
+            ca_file: None,
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::ratelimit::{
     FailedAuthLimiter, GlobalLimiter, Limits, LocalLimiter, RateHeaders, Verdict,
 };
 use crate::store::{Store, StoreError, StoreHealth};
-use crate::upstream::{self, Route, Router, UpstreamClient};
+use crate::upstream::{self, Route, Router};
 use crate::usage::UsageRecorder;
 
 /// What the data plane answers with: the upstream's streamed body, or one of ours.
@@ -52,7 +52,6 @@ pub(crate) struct Gateway {
     pub(crate) failed_auth: FailedAuthLimiter,
     pub(crate) usage: UsageRecorder,
     pub(crate) metrics: Metrics,
-    client: UpstreamClient,
     pub(crate) defaults: Limits,
 }
 
@@ -82,7 +81,6 @@ impl Gateway {
             failed_auth: FailedAuthLimiter::new(config.limits.failed_auth_per_minute_per_ip),
             usage: UsageRecorder::default(),
             metrics,
-            client: upstream::client(),
             defaults: Limits {
                 per_minute: config.rate_limit.per_minute,
                 per_second: config.rate_limit.per_second,
@@ -145,6 +143,7 @@ impl Gateway {
         if header_bytes(&req) > self.config.limits.max_header_bytes {
             return Err(GatewayError::HeadersTooLarge);
         }
+        refuse_ambiguous(&req)?;
         // Routing comes first: a request no route takes is 404 whatever its credentials.
         let route = self
             .router
@@ -234,7 +233,7 @@ impl Gateway {
             .lookup(&hash)
             .await?
             .ok_or(GatewayError::InvalidApiKey)?;
-        match key.record.status(Timestamp::now()) {
+        match key.status(Timestamp::now()) {
             Status::Revoked => Err(GatewayError::RevokedApiKey),
             Status::Expired => Err(GatewayError::ExpiredApiKey),
             Status::Active | Status::ExpiringSoon => Ok((key, carried)),
@@ -317,6 +316,11 @@ impl Gateway {
         peer: IpAddr,
         tls: bool,
     ) -> Result<Response<Body>, GatewayError> {
+        let mut req = req;
+        // A WebSocket handshake keeps its Upgrade: the key has been checked by now, and after
+        // the upstream's 101 the two connections are joined byte for byte.
+        let websocket = upstream::is_websocket_upgrade(&req);
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -329,11 +333,14 @@ impl Gateway {
             .map_err(|_| GatewayError::BadRequest("The request target cannot be forwarded."))?;
         parts.version = Version::HTTP_11;
         self.rewrite_request_headers(&mut parts.headers, key, carried, peer, tls, original_host);
+        if websocket {
+            upstream::keep_websocket_upgrade(&mut parts.headers);
+        }
 
         let started = Instant::now();
         let result = tokio::time::timeout(
             route.timeout,
-            self.client.request(Request::from_parts(parts, body)),
+            route.client.request(Request::from_parts(parts, body)),
         )
         .await;
         self.metrics
@@ -343,9 +350,17 @@ impl Gateway {
         match result {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(Box::new(e))),
-            Ok(Ok(response)) => {
+            Ok(Ok(mut response)) => {
+                let switching = response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
+                if let (Some(client), true) = (client_upgrade, switching) {
+                    let upstream = hyper::upgrade::on(&mut response);
+                    tokio::spawn(upstream::tunnel(client, upstream));
+                }
                 let (mut parts, body) = response.into_parts();
                 upstream::remove_hop_by_hop(&mut parts.headers);
+                if websocket && switching {
+                    upstream::keep_websocket_upgrade(&mut parts.headers);
+                }
                 Ok(Response::from_parts(parts, Either::Left(body)))
             }
         }
@@ -450,6 +465,28 @@ fn is_keygate_header(name: &HeaderName) -> bool {
 }
 
 /// The host a request is for: the URI authority (HTTP/2, absolute form) or `Host`.
+/// What hyper parses but two servers could read two ways: refused rather than forwarded.
+fn refuse_ambiguous<B>(req: &Request<B>) -> Result<(), GatewayError> {
+    let headers = req.headers();
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(GatewayError::BadRequest(
+            "The request has both Content-Length and Transfer-Encoding; send only one.",
+        ));
+    }
+    if let (Some(target), Some(host)) = (req.uri().authority(), headers.get(header::HOST))
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(target.as_str().as_bytes())
+    {
+        return Err(GatewayError::BadRequest(
+            "The request target's host differs from the Host header; send an origin-form target.",
+        ));
+    }
+    Ok(())
+}
+
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
         .host()

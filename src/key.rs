@@ -70,18 +70,23 @@ impl Status {
     }
 }
 
+/// The status rule of [`KeyRecord::status`], for whoever keeps only these two fields.
+pub(crate) fn status_at(revoked: bool, expires_at: Option<Timestamp>, now: Timestamp) -> Status {
+    if revoked {
+        return Status::Revoked;
+    }
+    match expires_at {
+        Some(at) if at <= now => Status::Expired,
+        Some(at) if at.duration_since(now) <= EXPIRING_SOON => Status::ExpiringSoon,
+        _ => Status::Active,
+    }
+}
+
 impl KeyRecord {
     /// `revoked` if revoked, else `expired` if past `expires_at`, else `expiring_soon`
     /// within 7 days of it, else `active`.
     pub fn status(&self, now: Timestamp) -> Status {
-        if self.revoked_at.is_some() {
-            return Status::Revoked;
-        }
-        match self.expires_at {
-            Some(at) if at <= now => Status::Expired,
-            Some(at) if at.duration_since(now) <= EXPIRING_SOON => Status::ExpiringSoon,
-            _ => Status::Active,
-        }
+        status_at(self.revoked_at.is_some(), self.expires_at, now)
     }
 
     /// The limits in force: the key's own, defaults filled in.

@@ -25,6 +25,7 @@ pub mod key;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 mod admin;
 mod cache;

@@ -196,9 +196,14 @@ impl GatewayError {
                 "Too many requests with invalid credentials came from your address. Retry after {retry_after} s."
             ),
             GatewayError::NoRoute => "No route is configured for this host and path.".into(),
-            GatewayError::UpstreamUnavailable(_) => {
-                "The upstream service could not be reached. Retry later.".into()
-            }
+            GatewayError::UpstreamUnavailable(e) => match tls_failure(e.as_ref()) {
+                Some(tls) => format!(
+                    "The upstream service's TLS certificate was refused ({tls}), so the request \
+                     was not sent. The gateway's operator must fix the upstream's certificate or \
+                     the route's ca_file."
+                ),
+                None => "The upstream service could not be reached. Retry later.".into(),
+            },
             GatewayError::StoreUnavailable(_) => {
                 "The key store is unreachable, so the key could not be verified. Retry later.".into()
             }
@@ -289,6 +294,30 @@ pub(crate) fn problem_with_field(
         HeaderValue::from_static("application/problem+json"),
     );
     response
+}
+
+/// The rustls error somewhere in an upstream error's causes, if TLS is why it failed.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(match tls {
+                rustls::Error::InvalidCertificate(reason) => {
+                    format!("invalid certificate: {reason:?}")
+                }
+                other => other.to_string(),
+            });
+        }
+        // An io::Error's `source()` skips the error it wraps: step into that one instead.
+        cause = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
 }
 
 #[cfg(test)]

@@ -22,7 +22,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::IntGauge;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::config::{Backend, Config, Scope};
@@ -31,6 +33,7 @@ use crate::gateway::Gateway;
 use crate::metrics::StoreOp;
 use crate::ratelimit::GlobalLimiter;
 use crate::store::{RedisStore, SqliteStore, Store, StoreError};
+use crate::tls::{Certificates, TlsError};
 
 /// How often idle limiter, cache and failed-auth state is dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -46,6 +49,8 @@ pub enum ServeError {
     Store(#[source] StoreError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("tls")]
+    Tls(#[source] TlsError),
     #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
@@ -138,11 +143,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    if config.tls.is_some() {
-        return Err(ServeError::Unsupported(
-            "tls: TLS termination is not available in this build yet; remove `tls`".into(),
-        ));
-    }
+    let certificates = match &config.tls {
+        Some(tls) => Some(Arc::new(Certificates::load(tls).map_err(ServeError::Tls)?)),
+        None => None,
+    };
     let config = Arc::new(config);
     let (store, redis) = open_store(&config)?;
     let (token, token_file) = admin_token(&config, true)?;
@@ -188,26 +192,47 @@ pub async fn run(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX));
 
+    let reload = certificates.clone().map(|certificates| {
+        tokio::spawn(async move {
+            let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hangup.recv().await.is_some() {
+                match certificates.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Err(e) => tracing::error!(
+                        cause = %error_chain(&e),
+                        "SIGHUP: TLS certificate or key unusable; keeping the ones in use"
+                    ),
+                }
+            }
+        })
+    });
     let gw = Arc::clone(&gateway);
+    let tls = certificates.is_some();
     let data = tokio::spawn(accept_loop(
         listeners.data,
+        certificates,
         builder.clone(),
         config.limits.max_connections,
         gateway.metrics.connections_active.clone(),
         stop_rx.clone(),
         config.shutdown_timeout,
+        config.limits.header_read_timeout,
         move |req, peer| {
             let gw = Arc::clone(&gw);
-            async move { gw.handle(req, peer, false).await }
+            async move { gw.handle(req, peer, tls).await }
         },
     ));
     let admin_task = tokio::spawn(accept_loop(
         listeners.admin,
+        None,
         builder,
         1024,
         IntGauge::new("admin_connections", "unregistered").expect("valid gauge"),
         stop_rx.clone(),
         config.shutdown_timeout,
+        config.limits.header_read_timeout,
         move |req, _peer| {
             let admin = Arc::clone(&admin);
             async move { admin.handle(req).await }
@@ -229,6 +254,9 @@ pub async fn run(
     let _ = background.await;
     if let Some(changes) = changes {
         changes.abort();
+    }
+    if let Some(reload) = reload {
+        reload.abort();
     }
     match gateway.usage.flush(&*gateway.store).await {
         Ok(()) => tracing::info!("usage flushed; stopped"),
@@ -292,13 +320,16 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 
 /// Accepts connections until stopped, at most `max_connections` at once; then waits up to
 /// `drain` for open connections to finish. Returns how many were cut.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<F, Fut, B>(
     listener: TcpListener,
+    tls: Option<Arc<Certificates>>,
     builder: auto::Builder<TokioExecutor>,
     max_connections: usize,
     active: IntGauge,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
+    handshake_timeout: Duration,
     handler: F,
 ) -> usize
 where
@@ -308,6 +339,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -334,14 +366,31 @@ where
             let response = handler(req, peer);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let active = active.clone();
+        let (builder, watcher, active) = (Arc::clone(&builder), graceful.watcher(), active.clone());
+        let tls = tls.as_ref().map(|c| TlsAcceptor::from(c.current()));
         tokio::spawn(async move {
             active.inc();
-            if let Err(e) = connection.await {
+            let result = match tls {
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                // The handshake is bounded like the header read: a client that opens a
+                // connection and sends nothing does not hold it open.
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             active.dec();

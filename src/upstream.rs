@@ -6,29 +6,41 @@ use hyper::Uri;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::http::uri::{Authority, Scheme};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{AuthMode, RouteConfig};
 
-/// Pooled keep-alive client to every upstream; request bodies stream straight through.
-pub(crate) type UpstreamClient = Client<HttpConnector, Incoming>;
+/// Pooled keep-alive client to one route's upstream; request bodies stream straight through.
+pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
-pub(crate) fn client() -> UpstreamClient {
+/// How long connecting to an upstream (TCP, then TLS for `https`) may take before 502.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client of one route: plain HTTP, or TLS verified against the system's roots plus the
+/// route's `ca_file`.
+pub(crate) fn client(tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(http)
+        .build(connector)
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the non-standard ones proxies still meet).
-/// `Upgrade` is among them: WebSocket pass-through is not supported yet.
+/// `Upgrade` is among them; a WebSocket handshake gets its two headers back afterwards.
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -60,6 +72,47 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// One configured route, ready to match and to build upstream URIs.
+/// A WebSocket handshake (RFC 6455 §4.1): GET over HTTP/1.1 with `Upgrade: websocket` and
+/// `Connection: upgrade`. Other upgrades (h2c, TLS) are hop-by-hop and dropped as such.
+pub(crate) fn is_websocket_upgrade<B>(req: &hyper::Request<B>) -> bool {
+    let lists = |name: header::HeaderName, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    req.method() == hyper::Method::GET
+        && req.version() == hyper::Version::HTTP_11
+        && lists(header::UPGRADE, "websocket")
+        && lists(header::CONNECTION, "upgrade")
+}
+
+/// Puts back the two headers of a WebSocket handshake after the hop-by-hop ones were removed.
+pub(crate) fn keep_websocket_upgrade(headers: &mut HeaderMap) {
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+}
+
+/// Joins an upgraded client connection to the upgraded upstream one until either side closes.
+pub(crate) async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "websocket tunnel ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "websocket upgrade did not complete"),
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) index: usize,
@@ -73,6 +126,7 @@ pub(crate) struct Route {
     pub(crate) auth: AuthMode,
     strip_prefix: bool,
     pub(crate) timeout: Duration,
+    pub(crate) client: UpstreamClient,
 }
 
 impl Route {
@@ -130,11 +184,9 @@ impl Router {
                 .upstream
                 .as_ref()
                 .ok_or_else(|| format!("routes[{index}].upstream: required"))?;
-            if upstream.scheme() != Some(&Scheme::HTTP) {
-                return Err(format!(
-                    "routes[{index}].upstream: only http:// upstreams are supported by this build, got `{upstream}`"
-                ));
-            }
+            let scheme = upstream.scheme().cloned().unwrap_or(Scheme::HTTP);
+            let tls = crate::tls::client_config(config.ca_file.as_deref())
+                .map_err(|e| format!("routes[{index}].{e}"))?;
             routes.push(Route {
                 index,
                 name: config.name.clone(),
@@ -143,7 +195,7 @@ impl Router {
                     .as_ref()
                     .map(|h| strip_port(h).to_ascii_lowercase()),
                 prefix: config.path_prefix.clone(),
-                scheme: Scheme::HTTP,
+                scheme,
                 authority: upstream
                     .authority()
                     .cloned()
@@ -152,6 +204,7 @@ impl Router {
                 auth: config.auth,
                 strip_prefix: config.strip_prefix,
                 timeout: config.timeout,
+                client: client(tls),
             });
         }
         Ok(Router { routes })

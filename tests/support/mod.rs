@@ -44,6 +44,12 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Upstream::start_with_tls(None).await
+    }
+
+    /// The same upstream behind TLS with this server configuration (an `https` upstream).
+    pub async fn start_with_tls(tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -58,10 +64,25 @@ impl Upstream {
                     log.lock().unwrap().push(req.uri().path().to_string());
                     echo(req)
                 });
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
