@@ -124,13 +124,25 @@ pub fn digest(secret: &str) -> [u8; 32] {
 
 /// The part of a secret shown in listings to tell keys apart.
 pub fn display_prefix(secret: &str) -> &str {
-    &secret[..DISPLAY_PREFIX_LEN.min(secret.len())]
+    // Cut at a character boundary: any string may come here, not only our ASCII secrets
+    // (found by the `checksum` fuzz target).
+    let mut end = DISPLAY_PREFIX_LEN.min(secret.len());
+    while !secret.is_char_boundary(end) {
+        end -= 1;
+    }
+    &secret[..end]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use hyper::header::HeaderValue;
+
+    #[test]
+    fn display_prefix_cuts_at_a_character_boundary() {
+        assert_eq!(display_prefix("kg_abcdefgh\u{753}xyz"), "kg_abcdefgh");
+        assert_eq!(display_prefix("kg_"), "kg_");
+    }
 
     #[test]
     fn generated_secrets_are_well_formed() {

@@ -41,9 +41,17 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
+        Command::CheckConfig { config: path } => match Config::load(&path) {
+            Ok(config) => {
+                let problems = keygate::tls::check_files(&config);
+                if !problems.is_empty() {
+                    eprintln!("{}: {} problem(s):", path.display(), problems.len());
+                    for problem in problems {
+                        eprintln!("  {problem}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+                println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -119,3 +119,22 @@ pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsE
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+/// The TLS files a config names, read as `serve` would read them: one line per problem, each
+/// naming its field (for `check-config`).
+pub fn check_files(config: &crate::config::Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(tls) = &config.tls
+        && let Err(e) = server_config(tls)
+    {
+        problems.push(e.to_string());
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        if let Some(ca_file) = &route.ca_file
+            && let Err(e) = client_config(Some(ca_file))
+        {
+            problems.push(format!("routes[{i}].{e}"));
+        }
+    }
+    problems
+}

@@ -488,3 +488,36 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
     let (status, _) = raw(&gateway, head("").as_bytes()).await;
     assert_eq!(status, 200);
 }
+
+#[test]
+fn check_config_reads_the_tls_files_and_names_each_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("key.pem"), "not a key").unwrap();
+    std::fs::write(d.join("ca.pem"), "").unwrap();
+    let config = d.join("keygate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls: {{cert: {0}/missing.pem, key: {0}/key.pem}}\n\
+             routes: [{{name: a, upstream: 'https://localhost:1', ca_file: {0}/ca.pem}}]\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(support::binary())
+        .args(["check-config", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("tls.cert") && text.contains("missing.pem"),
+        "{text}"
+    );
+    assert!(
+        text.contains("routes[0].ca_file") && text.contains("no PEM certificate"),
+        "{text}"
+    );
+}
