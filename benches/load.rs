@@ -334,6 +334,19 @@ struct Target {
     next_key: u64,
 }
 
+impl Target {
+    fn new(name: String, port: u16, keys: &Path, pid: u32) -> Target {
+        Target {
+            name,
+            port,
+            keys: keys.to_path_buf(),
+            pid,
+            runs: Vec::new(),
+            next_key: 0,
+        }
+    }
+}
+
 fn main() {
     let o = options();
     ensure_tools();
@@ -362,40 +375,32 @@ fn main() {
         .map(|n| (n, start_keygate(d, "keygate-big", n, upstream_port)));
 
     let mut targets = vec![
-        Target {
-            name: "bare upstream (nginx return 200)".into(),
-            port: upstream_port,
-            keys: keygate.secrets.clone(),
-            pid: upstream.0.id(),
-            runs: vec![],
-            next_key: 0,
-        },
-        Target {
-            name: format!("nginx doing the job, {} keys", o.keys),
-            port: proxy_port,
-            keys: keygate.secrets.clone(),
-            pid: proxy.0.id(),
-            runs: vec![],
-            next_key: 0,
-        },
-        Target {
-            name: format!("keygate, {} keys", o.keys),
-            port: keygate.port,
-            keys: keygate.secrets.clone(),
-            pid: keygate.process.0.id(),
-            runs: vec![],
-            next_key: 0,
-        },
+        Target::new(
+            "bare upstream (nginx return 200)".into(),
+            upstream_port,
+            &keygate.secrets,
+            upstream.0.id(),
+        ),
+        Target::new(
+            format!("nginx doing the job, {} keys", o.keys),
+            proxy_port,
+            &keygate.secrets,
+            proxy.0.id(),
+        ),
+        Target::new(
+            format!("keygate, {} keys", o.keys),
+            keygate.port,
+            &keygate.secrets,
+            keygate.process.0.id(),
+        ),
     ];
     if let Some((n, big)) = &big {
-        targets.push(Target {
-            name: format!("keygate, {n} keys"),
-            port: big.port,
-            keys: big.secrets.clone(),
-            pid: big.process.0.id(),
-            runs: vec![],
-            next_key: 0,
-        });
+        targets.push(Target::new(
+            format!("keygate, {n} keys"),
+            big.port,
+            &big.secrets,
+            big.process.0.id(),
+        ));
     }
 
     // Warm-up: every key once through each keygate (so each is cached, as in a steady state),

@@ -151,6 +151,21 @@ async fn plain_listener_takes_h2c_with_prior_knowledge() {
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
 }
 
+/// Sends SIGHUP and waits (5 s at most) for the gateway to log `line`.
+async fn hangup_until_logged(gateway: &Gateway, line: &str) {
+    let before = gateway.logs().matches(line).count();
+    signal(gateway.pid(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gateway.logs().matches(line).count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "`{line}` not logged:\n{}",
+            gateway.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_certificate_and_open_connections_stay() {
     let upstream = Upstream::start().await;
@@ -167,16 +182,7 @@ async fn sighup_reloads_the_certificate_and_open_connections_stay() {
 
     let (cert, key) = new_ca.leaf(false);
     write_pair(certs.path(), &cert, &key);
-    signal(gateway.pid(), "HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gateway.logs().contains("TLS certificate and key reloaded") {
-        assert!(
-            Instant::now() < deadline,
-            "no reload logged:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hangup_until_logged(&gateway, "TLS certificate and key reloaded").await;
     // New connections get the new certificate; the open one goes on.
     assert_eq!(call(new_ca.client(true)).await.unwrap().status(), 200);
     assert!(
@@ -187,16 +193,7 @@ async fn sighup_reloads_the_certificate_and_open_connections_stay() {
 
     // A broken file is refused and the certificate in use stays.
     std::fs::write(certs.path().join("cert.pem"), "not a certificate").unwrap();
-    signal(gateway.pid(), "HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gateway.logs().contains("keeping the ones in use") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hangup_until_logged(&gateway, "keeping the ones in use").await;
     assert_eq!(call(new_ca.client(true)).await.unwrap().status(), 200);
 }
 
