@@ -585,11 +585,16 @@ fn segments_of(path: &str) -> Vec<Segment> {
         if !name.is_empty() {
             segments.push(Segment::Key(name.to_string()));
         }
-        while let Some(close) = indexes.find(']') {
-            if let Ok(i) = indexes[1..close].parse() {
+        // `[2][0]`; anything else (a map key may hold brackets) ends the indexes. Slicing
+        // by the first `]` alone panicked on `]` before `[` (found by the `config` fuzz target).
+        while let Some(rest) = indexes.strip_prefix('[') {
+            let Some(close) = rest.find(']') else {
+                break;
+            };
+            if let Ok(i) = rest[..close].parse() {
                 segments.push(Segment::Index(i));
             }
-            indexes = &indexes[close + 1..];
+            indexes = &rest[close + 1..];
         }
     }
     segments
@@ -685,6 +690,16 @@ fn upstream_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uri>, D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_with_brackets_in_a_key_gets_an_error_not_a_panic() {
+        // The `config` fuzz target's crash: a key holding `]` before `[`.
+        let text = "c[Snook SSSS@][[]][][]]_http:|//fi;:ppaa [oon ]its h_per_me_p_i: 29 http+a";
+        assert!(Config::parse(text).is_err());
+        assert_eq!(segments_of("routes[2].upstream").len(), 3);
+        assert_eq!(segments_of("a]b[1]").len(), 2);
+        assert_eq!(segments_of("a[x]]y").len(), 1);
+    }
 
     fn no_env(_: &str) -> Option<String> {
         None
