@@ -24,11 +24,11 @@ use crate::ratelimit::{
     FailedAuthLimiter, GlobalLimiter, Limits, LocalLimiter, RateHeaders, Verdict,
 };
 use crate::store::{Store, StoreError, StoreHealth};
-use crate::upstream::{self, Route, Router};
+use crate::upstream::{self, PooledBody, Route, Router};
 use crate::usage::UsageRecorder;
 
 /// What the data plane answers with: the upstream's streamed body, or one of ours.
-pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+pub(crate) type Body = Either<PooledBody, Full<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -87,6 +87,11 @@ impl Gateway {
             },
             config,
         })
+    }
+
+    /// Closes upstream connections idle for too long.
+    pub(crate) fn sweep_upstreams(&self) {
+        self.router.sweep();
     }
 
     /// Answers one request; never fails: every refusal becomes its problem+json answer.
@@ -322,17 +327,22 @@ impl Gateway {
         let websocket = upstream::is_websocket_upgrade(&req);
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
+        // The client's Host moves to X-Forwarded-Host; the upstream gets its own, as Kong does.
+        let original_host = match parts.headers.remove(header::HOST) {
+            Some(host) => Some(host),
+            None => parts
                 .uri
                 .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         parts.uri = route
             .upstream_uri(&parts.uri)
             .map_err(|_| GatewayError::BadRequest("The request target cannot be forwarded."))?;
         parts.version = Version::HTTP_11;
         self.rewrite_request_headers(&mut parts.headers, key, carried, peer, tls, original_host);
+        parts
+            .headers
+            .insert(header::HOST, route.host_header.clone());
         if websocket {
             upstream::keep_websocket_upgrade(&mut parts.headers);
         }
@@ -340,7 +350,7 @@ impl Gateway {
         let started = Instant::now();
         let result = tokio::time::timeout(
             route.timeout,
-            route.client.request(Request::from_parts(parts, body)),
+            route.pool.send(Request::from_parts(parts, body)),
         )
         .await;
         self.metrics
@@ -349,7 +359,7 @@ impl Gateway {
             .observe(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(Box::new(e))),
+            Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(e)),
             Ok(Ok(mut response)) => {
                 let switching = response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
                 if let (Some(client), true) = (client_upgrade, switching) {
@@ -418,8 +428,6 @@ impl Gateway {
         if let Some(host) = original_host {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
-        // The client sets Host from the upstream URI, as Kong does by default.
-        headers.remove(header::HOST);
         if let Some(key) = key {
             headers.insert(X_KEYGATE_KEY_ID.clone(), key.id_header.clone());
             headers.insert(X_KEYGATE_OWNER.clone(), key.owner_header.clone());

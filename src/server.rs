@@ -307,6 +307,7 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             }
             _ = sweep.tick() => {
                 gateway.cache.sweep();
+                gateway.sweep_upstreams();
                 gateway.limiter.sweep();
                 if let Some(global) = &gateway.global {
                     global.sweep();

@@ -1,42 +1,37 @@
-//! Routing, the header rules of forwarding (SPEC §3) and the pooled upstream client.
+//! Routing, the header rules of forwarding (SPEC §3) and the upstream connections.
+
+mod pool;
+
+pub(crate) use pool::{Pool, PooledBody};
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use hyper::Uri;
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName};
-use hyper::http::uri::{Authority, Scheme};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{AuthMode, RouteConfig};
-
-/// Pooled keep-alive client to one route's upstream; request bodies stream straight through.
-pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
 /// How long connecting to an upstream (TCP, then TLS for `https`) may take before 502.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The client of one route: plain HTTP, or TLS verified against the system's roots plus the
-/// route's `ca_file`.
-pub(crate) fn client(tls: rustls::ClientConfig) -> UpstreamClient {
+/// What dials a route's upstream: plain TCP, or TLS verified against the system's roots plus
+/// the route's `ca_file`.
+pub(crate) fn connector(tls: rustls::ClientConfig) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+        .wrap_connector(http)
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the non-standard ones proxies still meet).
@@ -119,14 +114,14 @@ pub(crate) struct Route {
     pub(crate) name: String,
     host: Option<String>,
     prefix: String,
-    scheme: Scheme,
-    authority: Authority,
     /// The upstream URL's own path, without a trailing `/`.
     base_path: String,
+    /// The upstream's authority, as the `Host` of forwarded requests.
+    pub(crate) host_header: HeaderValue,
     pub(crate) auth: AuthMode,
     strip_prefix: bool,
     pub(crate) timeout: Duration,
-    pub(crate) client: UpstreamClient,
+    pub(crate) pool: Arc<Pool>,
 }
 
 impl Route {
@@ -140,8 +135,16 @@ impl Route {
         path.starts_with(&self.prefix)
     }
 
-    /// The upstream URI for a request URI: base path + (stripped) path + query.
+    /// The origin-form target sent upstream: base path + (stripped) path + query. The
+    /// client's target is passed on as it is when the route changes nothing.
     pub(crate) fn upstream_uri(&self, uri: &Uri) -> Result<Uri, hyper::http::Error> {
+        if self.base_path.is_empty()
+            && !self.strip_prefix
+            && let Some(target) = uri.path_and_query()
+            && target.as_str().starts_with('/')
+        {
+            return Ok(Uri::from(target.clone()));
+        }
         let path = uri.path();
         let rest = if self.strip_prefix {
             path.get(self.prefix.len()..).unwrap_or("")
@@ -161,11 +164,9 @@ impl Route {
             target.push('?');
             target.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(target)
-            .build()
+        Ok(Uri::from(PathAndQuery::from_maybe_shared(Bytes::from(
+            target,
+        ))?))
     }
 }
 
@@ -184,9 +185,17 @@ impl Router {
                 .upstream
                 .as_ref()
                 .ok_or_else(|| format!("routes[{index}].upstream: required"))?;
-            let scheme = upstream.scheme().cloned().unwrap_or(Scheme::HTTP);
             let tls = crate::tls::client_config(config.ca_file.as_deref())
                 .map_err(|e| format!("routes[{index}].{e}"))?;
+            let authority = upstream
+                .authority()
+                .ok_or_else(|| format!("routes[{index}].upstream: no host"))?;
+            let target = Uri::builder()
+                .scheme(upstream.scheme_str().unwrap_or("http"))
+                .authority(authority.clone())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| format!("routes[{index}].upstream: {e}"))?;
             routes.push(Route {
                 index,
                 name: config.name.clone(),
@@ -195,16 +204,13 @@ impl Router {
                     .as_ref()
                     .map(|h| strip_port(h).to_ascii_lowercase()),
                 prefix: config.path_prefix.clone(),
-                scheme,
-                authority: upstream
-                    .authority()
-                    .cloned()
-                    .ok_or("upstream without host")?,
                 base_path: upstream.path().trim_end_matches('/').to_string(),
+                host_header: HeaderValue::from_str(authority.as_str())
+                    .map_err(|e| format!("routes[{index}].upstream: {e}"))?,
                 auth: config.auth,
                 strip_prefix: config.strip_prefix,
                 timeout: config.timeout,
-                client: client(tls),
+                pool: Arc::new(Pool::new(connector(tls), target)),
             });
         }
         Ok(Router { routes })
@@ -214,6 +220,13 @@ impl Router {
     pub(crate) fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         let host = host.map(strip_port);
         self.routes.iter().find(|r| r.matches(host, path))
+    }
+
+    /// Closes upstream connections idle for too long.
+    pub(crate) fn sweep(&self) {
+        for route in &self.routes {
+            route.pool.sweep();
+        }
     }
 
     pub(crate) fn names(&self) -> Vec<String> {
@@ -275,14 +288,17 @@ mod tests {
         let uri = r
             .upstream_uri(&"/api/users?q=1&x=%20".parse().unwrap())
             .unwrap();
-        assert_eq!(uri.to_string(), "http://u:3000/base/users?q=1&x=%20");
+        assert_eq!(uri.to_string(), "/base/users?q=1&x=%20");
         let uri = r.upstream_uri(&"/api".parse().unwrap()).unwrap();
-        assert_eq!(uri.to_string(), "http://u:3000/base/");
+        assert_eq!(uri.to_string(), "/base/");
         let r = Router::new(&[route("/api", "http://u:3000", false, None)]).unwrap();
         let uri = r.routes[0]
             .upstream_uri(&"/api/users".parse().unwrap())
             .unwrap();
-        assert_eq!(uri.to_string(), "http://u:3000/api/users");
+        assert_eq!(uri.to_string(), "/api/users");
+        let absolute = "http://gw.example/api/users?q=1".parse().unwrap();
+        let uri = r.routes[0].upstream_uri(&absolute).unwrap();
+        assert_eq!(uri.to_string(), "/api/users?q=1");
     }
 
     #[test]
