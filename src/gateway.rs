@@ -123,15 +123,17 @@ impl Gateway {
         match &error {
             Some(e) if response.status().is_server_error() => tracing::warn!(
                 target: "keygate::access",
-                route, %method, status = response.status().as_u16(), outcome = outcome.as_str(),
-                key_id, client_ip = %trace.client_ip, latency_us = elapsed.as_micros() as u64,
+                route = %route, method = %method, status = response.status().as_u16(),
+                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %trace.client_ip,
+                latency_us = elapsed.as_micros() as u64,
                 cause = %error_chain(e),
                 "request"
             ),
             _ => tracing::info!(
                 target: "keygate::access",
-                route, %method, status = response.status().as_u16(), outcome = outcome.as_str(),
-                key_id, client_ip = %trace.client_ip, latency_us = elapsed.as_micros() as u64,
+                route = %route, method = %method, status = response.status().as_u16(),
+                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %trace.client_ip,
+                latency_us = elapsed.as_micros() as u64,
                 "request"
             ),
         }

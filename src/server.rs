@@ -364,7 +364,8 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |req| {
-            let response = handler(req, peer);
+            // Boxed: a request's future is a few KB, and hyper moves what it is given.
+            let response = Box::pin(handler(req, peer));
             async move { Ok::<_, Infallible>(response.await) }
         });
         let (builder, watcher, active) = (Arc::clone(&builder), graceful.watcher(), active.clone());

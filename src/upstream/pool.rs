@@ -79,7 +79,8 @@ where
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        // Boxed: connecting is rare, and its future would make every request's future larger.
+        let mut sender = Box::pin(self.connect()).await?;
         let response = sender.send_request(req).await?;
         Ok(self.pooled(response, sender))
     }
