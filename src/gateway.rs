@@ -89,9 +89,16 @@ impl Gateway {
         })
     }
 
-    /// Closes upstream connections idle for too long.
-    pub(crate) fn sweep_upstreams(&self) {
+    /// Drops idle state: expired cache entries, empty limiter windows, old failed-auth
+    /// counts, upstream connections idle for too long.
+    pub(crate) fn sweep(&self) {
+        self.cache.sweep();
         self.router.sweep();
+        self.limiter.sweep();
+        if let Some(global) = &self.global {
+            global.sweep();
+        }
+        self.failed_auth.sweep();
     }
 
     /// Answers one request; never fails: every refusal becomes its problem+json answer.

@@ -306,13 +306,10 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                 }
             }
             _ = sweep.tick() => {
-                gateway.cache.sweep();
-                gateway.sweep_upstreams();
-                gateway.limiter.sweep();
-                if let Some(global) = &gateway.global {
-                    global.sweep();
-                }
-                gateway.failed_auth.sweep();
+                // Off the event loop: with a million keys in use, a pass over the cache and
+                // the limiter takes tens of milliseconds, which every request would wait out.
+                let gateway = Arc::clone(&gateway);
+                let _ = tokio::task::spawn_blocking(move || gateway.sweep()).await;
             }
             _ = stopped(&mut stop) => break,
         }
