@@ -4,9 +4,8 @@ mod pool;
 
 pub(crate) use pool::{Pool, PooledBody};
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Uri;
@@ -71,7 +70,6 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// One configured route, ready to match and to build upstream URIs.
 /// A WebSocket handshake (RFC 6455 §4.1): GET over HTTP/1.1 with `Upgrade: websocket` and
 /// `Connection: upgrade`. Other upgrades (h2c, TLS) are hop-by-hop and dropped as such.
 pub(crate) fn is_websocket_upgrade<B>(req: &hyper::Request<B>) -> bool {
@@ -113,6 +111,7 @@ pub(crate) async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::u
     }
 }
 
+/// One configured route, ready to match, to build upstream targets, and to send.
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) index: usize,
