@@ -237,6 +237,139 @@ async fn sqlite_store_conforms_and_persists() {
     );
 }
 
+fn used(key_id: &str, at: Timestamp, ip: &str) -> UsageRecord {
+    UsageRecord {
+        key_id: key_id.to_string(),
+        at,
+        ip: ip.parse().unwrap(),
+    }
+}
+
+async fn last_use(
+    store: &SqliteStore,
+    key: &KeyRecord,
+) -> Vec<(Option<Timestamp>, Option<String>)> {
+    let by_id = store.key_by_id(&key.id).await.unwrap().unwrap();
+    let by_hash = store.key_by_hash(&key.hash).await.unwrap().unwrap();
+    let listed = list(store, Some(&key.owner), None).await.remove(0);
+    [by_id, by_hash, listed]
+        .into_iter()
+        .map(|k| (k.last_used_at, k.last_used_ip.map(|ip| ip.to_string())))
+        .collect()
+}
+
+/// The embedded store appends uses to a log and folds it into its usage table in batches:
+/// every read sees the latest use wherever it is, an older use never replaces a newer one on
+/// either side of a fold, and uses still in the log are there after reopening.
+#[tokio::test]
+async fn sqlite_usage_is_read_through_the_log_and_its_folds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let (key, _) = record("used", "team-u");
+    store.insert_key(&key, 10).await.unwrap();
+    assert_eq!(last_use(&store, &key).await, vec![(None, None); 3]);
+
+    let t = Timestamp::from_millisecond(Timestamp::now().as_millisecond()).unwrap();
+    let at = |s: i64| t + SignedDuration::from_secs(s);
+    let seen = |s: i64, ip: &str| vec![(Some(at(s)), Some(ip.to_string())); 3];
+
+    store
+        .record_usage(&[used(&key.id, at(2), "192.0.2.2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        last_use(&store, &key).await,
+        seen(2, "192.0.2.2"),
+        "in the log"
+    );
+    store.fold_usage().await.unwrap();
+    assert_eq!(last_use(&store, &key).await, seen(2, "192.0.2.2"), "folded");
+    store
+        .record_usage(&[used(&key.id, at(1), "192.0.2.1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        last_use(&store, &key).await,
+        seen(2, "192.0.2.2"),
+        "older in the log"
+    );
+    store.fold_usage().await.unwrap();
+    assert_eq!(
+        last_use(&store, &key).await,
+        seen(2, "192.0.2.2"),
+        "older folded"
+    );
+    store
+        .record_usage(&[used(&key.id, at(3), "192.0.2.3")])
+        .await
+        .unwrap();
+    assert_eq!(
+        last_use(&store, &key).await,
+        seen(3, "192.0.2.3"),
+        "newer in the log"
+    );
+    drop(store);
+
+    let reopened = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        last_use(&reopened, &key).await,
+        seen(3, "192.0.2.3"),
+        "after reopening"
+    );
+}
+
+/// A store file written before usage had its own table keeps its keys' last use, and the
+/// `keys` table loses the two columns that held it.
+#[tokio::test]
+async fn sqlite_store_of_schema_0_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.db");
+    let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch(
+        "CREATE TABLE keys (id TEXT PRIMARY KEY, hash BLOB NOT NULL UNIQUE, prefix TEXT NOT NULL,
+             name TEXT NOT NULL, description TEXT, owner TEXT NOT NULL, family TEXT NOT NULL,
+             created_at INTEGER NOT NULL, expires_at INTEGER, revoked_at INTEGER,
+             last_used_at INTEGER, last_used_ip TEXT, per_minute INTEGER, per_second INTEGER,
+             metadata TEXT NOT NULL);
+         CREATE INDEX keys_owner ON keys (owner, name);",
+    )
+    .unwrap();
+    let (key, _) = record("old", "team-o");
+    old.execute(
+        "INSERT INTO keys VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, NULL, NULL, ?8, '198.51.100.7', 5, NULL, '{}')",
+        rusqlite::params![
+            key.id,
+            key.hash.as_slice(),
+            key.prefix,
+            key.name,
+            key.owner,
+            key.family,
+            key.created_at.as_millisecond(),
+            key.created_at.as_millisecond() + 1000,
+        ],
+    )
+    .unwrap();
+    drop(old);
+
+    let store = SqliteStore::open(&path).unwrap();
+    let at = key.created_at + SignedDuration::from_secs(1);
+    assert_eq!(
+        last_use(&store, &key).await,
+        vec![(Some(at), Some("198.51.100.7".to_string())); 3]
+    );
+    drop(store);
+    let columns: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name LIKE 'last_used%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(columns, 0);
+}
+
 /// The Redis store passes the same suite against a real `redis-server`; everything it writes is
 /// under `store.key_prefix`, a second instance sees it, and no secret is in Redis in plain text.
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The embedded store: one SQLite file (bundled library, WAL journal). SQLite gives atomic,
 //! crash-safe commits and the queries that list, search and audit need, without a server.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -25,13 +26,21 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at   INTEGER NOT NULL,
     expires_at   INTEGER,
     revoked_at   INTEGER,
-    last_used_at INTEGER,
-    last_used_ip TEXT,
     per_minute   INTEGER,
     per_second   INTEGER,
     metadata     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS keys_owner ON keys (owner, name);
+CREATE TABLE IF NOT EXISTS key_usage (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL,
+    ip TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_log (
+    id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    ip TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     at     INTEGER NOT NULL,
@@ -42,18 +51,106 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id, seq);
 ";
 
-const COLUMNS: &str = "id, hash, prefix, name, description, owner, family, created_at, \
-    expires_at, revoked_at, last_used_at, last_used_ip, per_minute, per_second, metadata";
+/// `PRAGMA user_version` of the schema above. Version 0 kept the last use in two columns of
+/// `keys`; [`migrate`] moves them to `key_usage`.
+const SCHEMA_VERSION: i64 = 1;
 
-const KEY_BY_HASH: &str = "SELECT id, hash, prefix, name, description, owner, family, created_at, \
-    expires_at, revoked_at, last_used_at, last_used_ip, per_minute, per_second, metadata \
-    FROM keys WHERE hash = ?1";
+/// Columns of [`key_from_row`], from `keys AS k LEFT JOIN key_usage AS u`.
+const COLUMNS: &str = "k.id, k.hash, k.prefix, k.name, k.description, k.owner, k.family, \
+    k.created_at, k.expires_at, k.revoked_at, u.at, u.ip, k.per_minute, k.per_second, k.metadata";
 
-/// The embedded store. SQLite connections are not `Sync`, so one connection sits behind a
-/// mutex and every call runs on the blocking pool, never on the async workers.
+const FROM: &str = "keys AS k LEFT JOIN key_usage AS u ON u.id = k.id";
+
+const KEY_BY_HASH: &str = "SELECT k.id, k.hash, k.prefix, k.name, k.description, k.owner, \
+    k.family, k.created_at, k.expires_at, k.revoked_at, u.at, u.ip, k.per_minute, k.per_second, \
+    k.metadata FROM keys AS k LEFT JOIN key_usage AS u ON u.id = k.id WHERE k.hash = ?1";
+
+/// Rows of `usage_log` that trigger a fold into `key_usage` (see [`Writer::fold_usage`]).
+const FOLD_AT: usize = 200_000;
+
+/// The embedded store. SQLite connections are not `Sync`: each sits behind a mutex and every
+/// call runs on the blocking pool, never on the async workers. Writes and admin reads share
+/// one connection; the data plane's lookup by hash has its own, so it never waits behind a
+/// write (WAL readers see the last commit).
+///
+/// Last use is written the cheap way first. With a million keys in use, a flush of a second
+/// names some 20,000 keys, each on a different page: updating them in place dirtied 20,000
+/// pages per flush and cost a third of a core. So a flush appends to `usage_log` (a few dozen
+/// sequential pages), and once the log holds [`FOLD_AT`] rows it is folded into the narrow
+/// `key_usage` table in key order, each page written once for many keys. Reads take the latest
+/// of `key_usage` and the log, whose latest use per key is also kept in memory.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Writer>>,
+    reader: Arc<Mutex<Connection>>,
+    /// The latest use per key in `usage_log`, not yet folded.
+    unfolded: Arc<Mutex<Unfolded>>,
+}
+
+#[derive(Debug, Default)]
+struct Unfolded {
+    latest: HashMap<String, (i64, IpAddr)>,
+    log_rows: usize,
+}
+
+impl Unfolded {
+    fn note(&mut self, key_id: &str, at: i64, ip: IpAddr) {
+        match self.latest.get_mut(key_id) {
+            Some(seen) if seen.0 > at => {}
+            Some(seen) => *seen = (at, ip),
+            None => {
+                self.latest.insert(key_id.to_string(), (at, ip));
+            }
+        }
+        self.log_rows += 1;
+    }
+
+    /// Applies a newer unfolded use to a record read from the tables.
+    fn patch(&self, key: &mut KeyRecord) {
+        if let Some(&(at, ip)) = self.latest.get(&key.id)
+            && key
+                .last_used_at
+                .is_none_or(|seen| seen.as_millisecond() <= at)
+            && let Ok(at) = Timestamp::from_millisecond(at)
+        {
+            key.last_used_at = Some(at);
+            key.last_used_ip = Some(ip);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Writer {
+    conn: Connection,
+    unfolded: Arc<Mutex<Unfolded>>,
+}
+
+impl Writer {
+    fn unfolded(&self) -> std::sync::MutexGuard<'_, Unfolded> {
+        self.unfolded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut key = get_key(&self.conn, id)?;
+        if let Some(key) = &mut key {
+            self.unfolded().patch(key);
+        }
+        Ok(key)
+    }
+
+    /// Moves the log into `key_usage`, the latest use per key winning, in key order so that
+    /// each page of `key_usage` is written once. Measured on a million keys: 0.45 s for
+    /// 200,000 log rows, against 0.33 s for each second's 20,000 updates in place.
+    fn fold_usage(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(
+            "INSERT INTO key_usage (id, at, ip)              SELECT id, max(at), ip FROM usage_log WHERE true GROUP BY id ORDER BY id              ON CONFLICT (id) DO UPDATE SET at = excluded.at, ip = excluded.ip              WHERE excluded.at >= key_usage.at;              DELETE FROM usage_log;",
+        )
+        .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        *self.unfolded() = Unfolded::default();
+        Ok(())
+    }
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -66,18 +163,28 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let conn = Connection::open(path).map_err(unavailable)?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(unavailable)?;
-        // WAL: readers never block the writer; FULL: a commit survives a power cut.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(unavailable)?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let mut conn = connect(path)?;
+        migrate(&mut conn)?;
+        let reader = connect(path)?;
+        let unfolded = Arc::new(Mutex::new(Unfolded::default()));
+        let mut writer = Writer {
+            conn,
+            unfolded: Arc::clone(&unfolded),
+        };
+        // What the last run appended is folded now, so the log's latest uses need not be read
+        // back into memory.
+        writer.fold_usage()?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+            unfolded,
         })
+    }
+
+    /// Folds the usage log into `key_usage` now rather than at [`FOLD_AT`] rows (tests).
+    #[doc(hidden)]
+    pub async fn fold_usage(&self) -> Result<(), StoreError> {
+        self.run(Writer::fold_usage).await
     }
 
     /// Writes many keys in one transaction, without the name and per-owner rules of
@@ -87,30 +194,74 @@ impl SqliteStore {
         &self,
         keys: impl IntoIterator<Item = &'a KeyRecord>,
     ) -> Result<(), StoreError> {
-        let mut conn = self
-            .conn
+        let mut writer = self
+            .writer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let tx = conn.transaction().map_err(unavailable)?;
+        let tx = writer.conn.transaction().map_err(unavailable)?;
         for key in keys {
             insert(&tx, key)?;
         }
         tx.commit().map_err(unavailable)
     }
 
+    /// Runs `f` on the writing connection, on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        let writer = Arc::clone(&self.writer);
         tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut conn)
+            let mut writer = writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut writer)
         })
         .await
         .map_err(unavailable)?
     }
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(unavailable)?;
+    // WAL: readers never block the writer; FULL: a commit survives a power cut.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+/// Brings a store file to [`SCHEMA_VERSION`].
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(unavailable)?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(unavailable)?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    tx.execute_batch(SCHEMA).map_err(unavailable)?;
+    // A version-0 file has the last use in `keys` itself.
+    let old_columns: i64 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name = 'last_used_at'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    if old_columns > 0 {
+        tx.execute_batch(
+            "INSERT INTO key_usage (id, at, ip)              SELECT id, last_used_at, coalesce(last_used_ip, '') FROM keys              WHERE last_used_at IS NOT NULL;              ALTER TABLE keys DROP COLUMN last_used_at;              ALTER TABLE keys DROP COLUMN last_used_ip;",
+        )
+        .map_err(unavailable)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(unavailable)?;
+    tx.commit().map_err(unavailable)
 }
 
 fn millis(at: Timestamp) -> i64 {
@@ -152,7 +303,7 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
 
 fn get_key(tx: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
     tx.query_row(
-        &format!("SELECT {COLUMNS} FROM keys WHERE id = ?1"),
+        &format!("SELECT {COLUMNS} FROM {FROM} WHERE k.id = ?1"),
         params![id],
         key_from_row,
     )
@@ -185,10 +336,9 @@ fn check_name_free(
 
 fn insert(tx: &Transaction<'_>, key: &KeyRecord) -> Result<(), StoreError> {
     tx.execute(
-        &format!(
-            "INSERT INTO keys ({COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-        ),
+        "INSERT INTO keys (id, hash, prefix, name, description, owner, family, created_at, \
+         expires_at, revoked_at, per_minute, per_second, metadata) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         params![
             key.id,
             key.hash.as_slice(),
@@ -200,14 +350,19 @@ fn insert(tx: &Transaction<'_>, key: &KeyRecord) -> Result<(), StoreError> {
             millis(key.created_at),
             key.expires_at.map(millis),
             key.revoked_at.map(millis),
-            key.last_used_at.map(millis),
-            key.last_used_ip.map(|ip| ip.to_string()),
             key.per_minute,
             key.per_second,
             serde_json::to_string(&key.metadata).expect("string map serializes"),
         ],
     )
     .map_err(unavailable)?;
+    if let (Some(at), Some(ip)) = (key.last_used_at, key.last_used_ip) {
+        tx.execute(
+            "INSERT OR REPLACE INTO key_usage (id, at, ip) VALUES (?1, ?2, ?3)",
+            params![key.id, millis(at), ip.to_string()],
+        )
+        .map_err(unavailable)?;
+    }
     Ok(())
 }
 
@@ -215,8 +370,8 @@ fn insert(tx: &Transaction<'_>, key: &KeyRecord) -> Result<(), StoreError> {
 impl Store for SqliteStore {
     async fn insert_key(&self, key: &KeyRecord, max_per_owner: u32) -> Result<(), StoreError> {
         let key = key.clone();
-        self.run(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.run(move |w| {
+            let tx = w.conn.transaction().map_err(unavailable)?;
             check_name_free(&tx, &key.owner, &key.name, &key.family)?;
             let live: i64 = tx
                 .query_row(
@@ -244,8 +399,8 @@ impl Store for SqliteStore {
         old_expires_at: Timestamp,
     ) -> Result<KeyRecord, StoreError> {
         let (old_id, new) = (old_id.to_string(), new.clone());
-        self.run(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.run(move |w| {
+            let tx = w.conn.transaction().map_err(unavailable)?;
             let mut old = get_key(&tx, &old_id)?.ok_or(StoreError::NotFound)?;
             if old.revoked_at.is_some() {
                 return Err(StoreError::Conflict(
@@ -264,6 +419,7 @@ impl Store for SqliteStore {
             old.expires_at = Some(expires);
             insert(&tx, &new)?;
             tx.commit().map_err(unavailable)?;
+            w.unfolded().patch(&mut old);
             Ok(old)
         })
         .await
@@ -271,24 +427,37 @@ impl Store for SqliteStore {
 
     async fn key_by_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
         let hash = *hash;
-        self.run(move |conn| {
+        let (reader, unfolded) = (Arc::clone(&self.reader), Arc::clone(&self.unfolded));
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             // The one query of the data plane: prepared once per connection, not per request.
-            conn.prepare_cached(KEY_BY_HASH)
+            let mut key = conn
+                .prepare_cached(KEY_BY_HASH)
                 .and_then(|mut query| query.query_row(params![hash.as_slice()], key_from_row))
                 .optional()
-                .map_err(unavailable)
+                .map_err(unavailable)?;
+            if let Some(key) = &mut key {
+                unfolded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .patch(key);
+            }
+            Ok(key)
         })
         .await
+        .map_err(unavailable)?
     }
 
     async fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_string();
-        self.run(move |conn| get_key(conn, &id)).await
+        self.run(move |w| w.get_key(&id)).await
     }
 
     async fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
         let filter = filter.clone();
-        self.run(move |conn| {
+        self.run(move |w| {
             let search = filter.search.as_deref().map(|s| {
                 let escaped = s
                     .replace('\\', "\\\\")
@@ -296,19 +465,26 @@ impl Store for SqliteStore {
                     .replace('_', "\\_");
                 format!("%{escaped}%")
             });
-            let mut stmt = conn
+            let mut stmt = w
+                .conn
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM keys \
-                     WHERE (?1 IS NULL OR owner = ?1) \
-                     AND (?2 IS NULL OR name LIKE ?2 ESCAPE '\\' \
-                          OR description LIKE ?2 ESCAPE '\\' OR prefix LIKE ?2 ESCAPE '\\') \
-                     ORDER BY created_at, id"
+                    "SELECT {COLUMNS} FROM {FROM} \
+                     WHERE (?1 IS NULL OR k.owner = ?1) \
+                     AND (?2 IS NULL OR k.name LIKE ?2 ESCAPE '\\' \
+                          OR k.description LIKE ?2 ESCAPE '\\' OR k.prefix LIKE ?2 ESCAPE '\\') \
+                     ORDER BY k.created_at, k.id"
                 ))
                 .map_err(unavailable)?;
-            stmt.query_map(params![filter.owner, search], key_from_row)
+            let mut keys = stmt
+                .query_map(params![filter.owner, search], key_from_row)
                 .map_err(unavailable)?
                 .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(unavailable)
+                .map_err(unavailable)?;
+            let unfolded = w.unfolded();
+            for key in &mut keys {
+                unfolded.patch(key);
+            }
+            Ok(keys)
         })
         .await
     }
@@ -323,8 +499,8 @@ impl Store for SqliteStore {
         let id = id.to_string();
         let name = name.map(str::to_string);
         let description = description.map(|d| d.map(str::to_string));
-        self.run(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.run(move |w| {
+            let tx = w.conn.transaction().map_err(unavailable)?;
             let mut key = get_key(&tx, &id)?.ok_or(StoreError::NotFound)?;
             if !key.status(now).is_usable() {
                 return Err(StoreError::Conflict(format!(
@@ -347,6 +523,7 @@ impl Store for SqliteStore {
             )
             .map_err(unavailable)?;
             tx.commit().map_err(unavailable)?;
+            w.unfolded().patch(&mut key);
             Ok(key)
         })
         .await
@@ -354,15 +531,16 @@ impl Store for SqliteStore {
 
     async fn revoke_key(&self, id: &str, at: Timestamp) -> Result<KeyRecord, StoreError> {
         let id = id.to_string();
-        self.run(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.run(move |w| {
+            let tx = w.conn.transaction().map_err(unavailable)?;
             tx.execute(
                 "UPDATE keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
                 params![id, millis(at)],
             )
             .map_err(unavailable)?;
-            let key = get_key(&tx, &id)?.ok_or(StoreError::NotFound)?;
+            let mut key = get_key(&tx, &id)?.ok_or(StoreError::NotFound)?;
             tx.commit().map_err(unavailable)?;
+            w.unfolded().patch(&mut key);
             Ok(key)
         })
         .await
@@ -370,14 +548,11 @@ impl Store for SqliteStore {
 
     async fn record_usage(&self, batch: &[UsageRecord]) -> Result<(), StoreError> {
         let batch = batch.to_vec();
-        self.run(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.run(move |w| {
+            let tx = w.conn.transaction().map_err(unavailable)?;
             {
                 let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE keys SET last_used_at = ?2, last_used_ip = ?3 \
-                         WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at <= ?2)",
-                    )
+                    .prepare_cached("INSERT INTO usage_log (id, at, ip) VALUES (?1, ?2, ?3)")
                     .map_err(unavailable)?;
                 for record in &batch {
                     stmt.execute(params![
@@ -388,15 +563,26 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?;
                 }
             }
-            tx.commit().map_err(unavailable)
+            tx.commit().map_err(unavailable)?;
+            let mut unfolded = w.unfolded();
+            for record in &batch {
+                unfolded.note(&record.key_id, millis(record.at), record.ip);
+            }
+            let full = unfolded.log_rows >= FOLD_AT;
+            drop(unfolded);
+            // The uses are in the store already; a fold that fails is tried again next flush.
+            if full && let Err(e) = w.fold_usage() {
+                tracing::warn!(error = %e, "folding the usage log failed; retrying at the next flush");
+            }
+            Ok(())
         })
         .await
     }
 
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
         let events = events.to_vec();
-        self.run(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+        self.run(move |w| {
+            let tx = w.conn.transaction().map_err(unavailable)?;
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -424,8 +610,9 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let key_id = key_id.map(str::to_string);
-        self.run(move |conn| {
-            let mut stmt = conn
+        self.run(move |w| {
+            let mut stmt = w
+                .conn
                 .prepare_cached(
                     "SELECT at, kind, key_id, detail FROM audit \
                      WHERE (?1 IS NULL OR key_id = ?1) ORDER BY seq DESC LIMIT ?2",
@@ -449,8 +636,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.run(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(()))
+        self.run(|w| {
+            w.conn
+                .query_row("SELECT 1", [], |_| Ok(()))
                 .map_err(unavailable)
         })
         .await
