@@ -102,7 +102,7 @@ pub(crate) struct KeyCache {
 impl KeyCache {
     pub(crate) fn new(config: &CacheConfig) -> KeyCache {
         KeyCache {
-            map: DashMap::default(),
+            map: DashMap::with_hasher_and_shard_amount(Default::default(), crate::KEY_MAP_SHARDS),
             ttl: config.ttl,
             negative_ttl: config.negative_ttl,
             stale_if_error: config.stale_if_error,
@@ -165,8 +165,9 @@ impl KeyCache {
     /// Drops entries that can no longer be used.
     pub(crate) fn sweep(&self) {
         let (ttl, negative_ttl) = (self.ttl + self.stale_if_error, self.negative_ttl);
+        let now = Instant::now();
         self.map.retain(|_, e| {
-            let age = e.fetched.elapsed();
+            let age = now.saturating_duration_since(e.fetched);
             if e.key.is_some() {
                 age < ttl
             } else {

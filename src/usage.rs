@@ -14,11 +14,24 @@ use crate::store::{AuditEvent, AuditKind, Store, StoreError, UsageRecord};
 /// A key's `rate_limited` audit event is written at most once per this period.
 const RATE_LIMITED_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct UsageRecorder {
     pending: DashMap<Arc<str>, (Timestamp, IpAddr), foldhash::fast::RandomState>,
     audit: Mutex<Vec<AuditEvent>>,
     rate_limited_noted: DashMap<Arc<str>, Instant>,
+}
+
+impl Default for UsageRecorder {
+    fn default() -> UsageRecorder {
+        UsageRecorder {
+            pending: DashMap::with_hasher_and_shard_amount(
+                Default::default(),
+                crate::KEY_MAP_SHARDS,
+            ),
+            audit: Mutex::default(),
+            rate_limited_noted: DashMap::new(),
+        }
+    }
 }
 
 impl UsageRecorder {

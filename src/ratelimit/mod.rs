@@ -73,7 +73,10 @@ pub(crate) struct LocalLimiter {
 impl LocalLimiter {
     pub(crate) fn new() -> LocalLimiter {
         LocalLimiter {
-            windows: DashMap::default(),
+            windows: DashMap::with_hasher_and_shard_amount(
+                Default::default(),
+                crate::KEY_MAP_SHARDS,
+            ),
             epoch: Instant::now(),
         }
     }
