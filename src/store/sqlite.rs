@@ -144,7 +144,11 @@ impl Writer {
     fn fold_usage(&mut self) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(unavailable)?;
         tx.execute_batch(
-            "INSERT INTO key_usage (id, at, ip)              SELECT id, max(at), ip FROM usage_log WHERE true GROUP BY id ORDER BY id              ON CONFLICT (id) DO UPDATE SET at = excluded.at, ip = excluded.ip              WHERE excluded.at >= key_usage.at;              DELETE FROM usage_log;",
+            "INSERT INTO key_usage (id, at, ip) \
+             SELECT id, max(at), ip FROM usage_log WHERE true GROUP BY id ORDER BY id \
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at, ip = excluded.ip \
+             WHERE excluded.at >= key_usage.at; \
+             DELETE FROM usage_log;",
         )
         .map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
