@@ -176,7 +176,7 @@ fn proxy_config(dir: &Path, port: u16, upstream: u16, keys: &Path, key_count: us
     let zone_mib = (key_count * 128 / (1 << 20)).max(1) * 2;
     nginx_head(dir, "proxy")
         + &format!(
-            "  access_log {d}/proxy.access.log;\n  keepalive_requests 1000000;\n\
+            "  access_log {d}/proxy.access.log combined buffer=32k flush=100ms;\n  keepalive_requests 1000000;\n\
   map_hash_max_size {hash};\n  map_hash_bucket_size 128;\n\
   map $http_x_api_key $key_id {{\n    default \"\";\n    include {keys};\n  }}\n\
   limit_req_zone $http_x_api_key zone=per_minute:{zone_mib}m rate=1000000000r/m;\n\

@@ -15,6 +15,7 @@
 //! - `admin`: the admin API, health and metrics endpoints.
 //! - `metrics`: the Prometheus registry of one gateway instance.
 //! - [`cli`]: the `keygate` command line.
+//! - [`logging`]: log lines to standard error, access lines batched.
 
 #[doc(hidden)]
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod key;
+pub mod logging;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

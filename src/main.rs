@@ -7,6 +7,7 @@ use clap::Parser;
 use keygate::cli::{Cli, Command, LogFormat, run_keys};
 use keygate::config::Config;
 use keygate::error_chain;
+use keygate::logging::{BatchedLog, LogGuard};
 use keygate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -15,16 +16,20 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_logging(format: LogFormat) {
+/// Logs to standard error, access lines batched (see `keygate::logging`); what is pending is
+/// written when the returned guard drops.
+fn init_logging(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = BatchedLog::new(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -60,7 +65,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config, log_format } => {
-            init_logging(log_format);
+            let _log = init_logging(log_format);
             let config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(e) => {
