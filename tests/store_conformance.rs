@@ -274,41 +274,24 @@ async fn sqlite_usage_is_read_through_the_log_and_its_folds() {
     let at = |s: i64| t + SignedDuration::from_secs(s);
     let seen = |s: i64, ip: &str| vec![(Some(at(s)), Some(ip.to_string())); 3];
 
-    store
-        .record_usage(&[used(&key.id, at(2), "192.0.2.2")])
-        .await
-        .unwrap();
-    assert_eq!(
-        last_use(&store, &key).await,
-        seen(2, "192.0.2.2"),
-        "in the log"
-    );
-    store.fold_usage().await.unwrap();
-    assert_eq!(last_use(&store, &key).await, seen(2, "192.0.2.2"), "folded");
-    store
-        .record_usage(&[used(&key.id, at(1), "192.0.2.1")])
-        .await
-        .unwrap();
-    assert_eq!(
-        last_use(&store, &key).await,
-        seen(2, "192.0.2.2"),
-        "older in the log"
-    );
-    store.fold_usage().await.unwrap();
-    assert_eq!(
-        last_use(&store, &key).await,
-        seen(2, "192.0.2.2"),
-        "older folded"
-    );
-    store
-        .record_usage(&[used(&key.id, at(3), "192.0.2.3")])
-        .await
-        .unwrap();
-    assert_eq!(
-        last_use(&store, &key).await,
-        seen(3, "192.0.2.3"),
-        "newer in the log"
-    );
+    // Each step (a use recorded, or a fold), then the latest use every read must show.
+    let steps = [
+        (Some((2, "192.0.2.2")), (2, "192.0.2.2"), "in the log"),
+        (None, (2, "192.0.2.2"), "folded"),
+        (Some((1, "192.0.2.1")), (2, "192.0.2.2"), "older in the log"),
+        (None, (2, "192.0.2.2"), "older folded"),
+        (Some((3, "192.0.2.3")), (3, "192.0.2.3"), "newer in the log"),
+    ];
+    for (step, (latest, ip), what) in steps {
+        match step {
+            Some((s, ip)) => store
+                .record_usage(&[used(&key.id, at(s), ip)])
+                .await
+                .unwrap(),
+            None => store.fold_usage().await.unwrap(),
+        }
+        assert_eq!(last_use(&store, &key).await, seen(latest, ip), "{what}");
+    }
     drop(store);
 
     let reopened = SqliteStore::open(&path).unwrap();
