@@ -50,7 +50,7 @@ pub(crate) struct Gateway {
     /// `scope: global` on the Redis store.
     pub(crate) global: Option<GlobalLimiter>,
     pub(crate) failed_auth: FailedAuthLimiter,
-    pub(crate) usage: UsageRecorder,
+    pub(crate) usage: Arc<UsageRecorder>,
     pub(crate) metrics: Metrics,
     pub(crate) defaults: Limits,
 }
@@ -79,7 +79,7 @@ impl Gateway {
             limiter: LocalLimiter::new(),
             global,
             failed_auth: FailedAuthLimiter::new(config.limits.failed_auth_per_minute_per_ip),
-            usage: UsageRecorder::default(),
+            usage: Arc::default(),
             metrics,
             defaults: Limits {
                 per_minute: config.rate_limit.per_minute,

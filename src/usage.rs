@@ -77,36 +77,45 @@ impl UsageRecorder {
             .push(event);
     }
 
+    /// Takes the pending uses, as records for the store. One pass of `retain` over the shards:
+    /// no lookup per key.
+    fn take_pending(&self) -> Vec<UsageRecord> {
+        let mut batch = Vec::with_capacity(self.pending.len());
+        self.pending.retain(|key, (at, ip)| {
+            batch.push(UsageRecord {
+                key_id: key.to_string(),
+                at: *at,
+                ip: *ip,
+            });
+            false
+        });
+        batch
+    }
+
     /// Writes everything pending. What the store refuses stays pending for the next flush.
-    pub(crate) async fn flush(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let keys: Vec<Arc<str>> = self.pending.iter().map(|e| Arc::clone(e.key())).collect();
-        let mut batch = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Some((key, (at, ip))) = self.pending.remove(&key) {
-                batch.push((key, at, ip));
-            }
-        }
+    pub(crate) async fn flush(self: &Arc<Self>, store: &dyn Store) -> Result<(), StoreError> {
+        // On the blocking pool: with a million keys in use a flush takes some 25,000 uses, and
+        // draining them on the event loop held requests up (load bench, 1M keys: p99 16–22 ms
+        // with flushes, 5–8 ms without).
+        let recorder = Arc::clone(self);
+        let batch: Arc<[UsageRecord]> =
+            tokio::task::spawn_blocking(move || recorder.take_pending().into())
+                .await
+                .map_err(|e| StoreError::Unavailable(e.into()))?;
         let events = std::mem::take(&mut *self.audit.lock().unwrap_or_else(|p| p.into_inner()));
         self.rate_limited_noted
             .retain(|_, at| at.elapsed() < RATE_LIMITED_AUDIT_EVERY);
 
         let mut result = Ok(());
         if !batch.is_empty() {
-            let records: Vec<UsageRecord> = batch
-                .iter()
-                .map(|(key, at, ip)| UsageRecord {
-                    key_id: key.to_string(),
-                    at: *at,
-                    ip: *ip,
-                })
-                .collect();
-            let written = store.record_usage(&records).await;
-            tracing::debug!(records = records.len(), ok = written.is_ok(), "usage flush");
+            let written = store.record_usage(Arc::clone(&batch)).await;
+            tracing::debug!(records = batch.len(), ok = written.is_ok(), "usage flush");
             if let Err(e) = written {
-                for (key, at, ip) in batch {
+                for record in batch.iter() {
                     // Keep what came in meanwhile if it is newer.
+                    let (at, ip) = (record.at, record.ip);
                     self.pending
-                        .entry(key)
+                        .entry(Arc::from(record.key_id.as_str()))
                         .and_modify(|v| {
                             if v.0 < at {
                                 *v = (at, ip)
@@ -126,5 +135,43 @@ impl UsageRecorder {
             result = result.and(Err(e));
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[tokio::test]
+    async fn uses_a_store_refuses_stay_pending_until_a_flush_gets_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let keys = crate::bench::keys(2, "kg_");
+        crate::bench::import(&store, &keys);
+        let (a, b): (Arc<str>, Arc<str>) =
+            (keys[0].1.id.as_str().into(), keys[1].1.id.as_str().into());
+        // A real failure of the store: the table uses go to is gone.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute_batch("ALTER TABLE usage_log RENAME TO away")
+            .unwrap();
+
+        let usage = Arc::new(UsageRecorder::default());
+        usage.record(&a, "192.0.2.1".parse().unwrap());
+        assert!(usage.flush(&store).await.is_err());
+        usage.record(&b, "192.0.2.2".parse().unwrap());
+        other
+            .execute_batch("ALTER TABLE away RENAME TO usage_log")
+            .unwrap();
+        usage.flush(&store).await.unwrap();
+
+        for (id, ip) in [(&a, "192.0.2.1"), (&b, "192.0.2.2")] {
+            let key = store.key_by_id(id).await.unwrap().unwrap();
+            assert_eq!(key.last_used_ip, Some(ip.parse().unwrap()), "{id}");
+            assert!(key.last_used_at.is_some());
+        }
+        assert_eq!(usage.pending.len(), 0);
     }
 }

@@ -178,19 +178,19 @@ async fn conformance(store: Arc<dyn Store>) {
     let t1 = Timestamp::from_millisecond(now.as_millisecond()).unwrap();
     let t2 = t1 + SignedDuration::from_secs(5);
     store
-        .record_usage(&[UsageRecord {
+        .record_usage(Arc::from([UsageRecord {
             key_id: b.id.clone(),
             at: t2,
             ip: "192.0.2.2".parse().unwrap(),
-        }])
+        }]))
         .await
         .unwrap();
     store
-        .record_usage(&[UsageRecord {
+        .record_usage(Arc::from([UsageRecord {
             key_id: b.id.clone(),
             at: t1,
             ip: "192.0.2.1".parse().unwrap(),
-        }])
+        }]))
         .await
         .unwrap();
     let used = store.key_by_id(&b.id).await.unwrap().unwrap();
@@ -285,7 +285,7 @@ async fn sqlite_usage_is_read_through_the_log_and_its_folds() {
     for (step, (latest, ip), what) in steps {
         match step {
             Some((s, ip)) => store
-                .record_usage(&[used(&key.id, at(s), ip)])
+                .record_usage(Arc::from([used(&key.id, at(s), ip)]))
                 .await
                 .unwrap(),
             None => store.fold_usage().await.unwrap(),

@@ -5,6 +5,7 @@ mod redis_store;
 mod sqlite;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
@@ -128,7 +129,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn revoke_key(&self, id: &str, at: Timestamp) -> Result<KeyRecord, StoreError>;
 
     /// Records last uses; a record older than what the store has is ignored (latest wins).
-    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<(), StoreError>;
+    /// Shared, not borrowed: a store that writes on another thread takes the batch along
+    /// without copying it (a flush can hold tens of thousands of records).
+    async fn record_usage(&self, batch: Arc<[UsageRecord]>) -> Result<(), StoreError>;
 
     /// Appends audit events.
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError>;

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -584,7 +584,7 @@ impl Store for RedisStore {
         }
     }
 
-    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<(), StoreError> {
+    async fn record_usage(&self, batch: Arc<[UsageRecord]>) -> Result<(), StoreError> {
         for chunk in batch.chunks(USAGE_CHUNK) {
             let mut invocation = USAGE_SCRIPT.key(&self.base);
             for r in chunk {

@@ -550,15 +550,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<(), StoreError> {
-        let batch = batch.to_vec();
+    async fn record_usage(&self, batch: Arc<[UsageRecord]>) -> Result<(), StoreError> {
         self.run(move |w| {
             let tx = w.conn.transaction().map_err(unavailable)?;
             {
                 let mut stmt = tx
                     .prepare_cached("INSERT INTO usage_log (id, at, ip) VALUES (?1, ?2, ?3)")
                     .map_err(unavailable)?;
-                for record in &batch {
+                for record in batch.iter() {
                     stmt.execute(params![
                         record.key_id,
                         millis(record.at),
@@ -569,7 +568,7 @@ impl Store for SqliteStore {
             }
             tx.commit().map_err(unavailable)?;
             let mut unfolded = w.unfolded();
-            for record in &batch {
+            for record in batch.iter() {
                 unfolded.note(&record.key_id, millis(record.at), record.ip);
             }
             let full = unfolded.log_rows >= FOLD_AT;
