@@ -179,7 +179,7 @@ async fn conformance(store: Arc<dyn Store>) {
     let t2 = t1 + SignedDuration::from_secs(5);
     store
         .record_usage(Arc::from([UsageRecord {
-            key_id: b.id.clone(),
+            key_id: b.id.as_str().into(),
             at: t2,
             ip: "192.0.2.2".parse().unwrap(),
         }]))
@@ -187,7 +187,7 @@ async fn conformance(store: Arc<dyn Store>) {
         .unwrap();
     store
         .record_usage(Arc::from([UsageRecord {
-            key_id: b.id.clone(),
+            key_id: b.id.as_str().into(),
             at: t1,
             ip: "192.0.2.1".parse().unwrap(),
         }]))
@@ -239,7 +239,7 @@ async fn sqlite_store_conforms_and_persists() {
 
 fn used(key_id: &str, at: Timestamp, ip: &str) -> UsageRecord {
     UsageRecord {
-        key_id: key_id.to_string(),
+        key_id: key_id.into(),
         at,
         ip: ip.parse().unwrap(),
     }

@@ -40,7 +40,8 @@ pub struct KeyFilter {
 /// A key's latest use, as the gateway saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
-    pub key_id: String,
+    /// Shared with the gateway's own maps: a flush copies no key id.
+    pub key_id: Arc<str>,
     pub at: Timestamp,
     pub ip: IpAddr,
 }

@@ -589,7 +589,7 @@ impl Store for RedisStore {
             let mut invocation = USAGE_SCRIPT.key(&self.base);
             for r in chunk {
                 invocation
-                    .arg(&r.key_id)
+                    .arg(&*r.key_id)
                     .arg(r.at.as_millisecond())
                     .arg(r.ip.to_string());
             }

@@ -559,7 +559,7 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?;
                 for record in batch.iter() {
                     stmt.execute(params![
-                        record.key_id,
+                        &*record.key_id,
                         millis(record.at),
                         record.ip.to_string()
                     ])
