@@ -93,10 +93,11 @@ impl UsageRecorder {
     /// Writes everything pending. What the store refuses stays pending for the next flush.
     pub(crate) async fn flush(self: &Arc<Self>, store: &dyn Store) -> Result<(), StoreError> {
         // On the blocking pool: with a million keys in use a flush takes some 25,000 uses, and
-        // draining them on the event loop held requests up (load bench, 1M keys: p99 16–33 ms
-        // with flushes, 5–8 ms without, 8–11 ms drained there). The blocking thread allocates
-        // nothing: memory a pool thread allocates stays with its allocator heap while it idles,
-        // which raised peak RSS at 1M keys by ~300 MB when the key ids were copied there.
+        // draining them on the event loop held requests up (A/B at 1M keys: p99 16–33 ms
+        // drained on the loop, 5–8 ms with no flushes, mostly 8–11 ms drained here; the runs
+        // above that meet a usage-log fold). The blocking thread allocates nothing: memory a
+        // pool thread allocates stays with its allocator heap while it idles, which raised peak
+        // RSS at 1M keys by ~300 MB when the key ids were copied there.
         let recorder = Arc::clone(self);
         // Room for uses that come in meanwhile, so the vector is not regrown over there.
         let mut batch = Vec::with_capacity(self.pending.len() * 5 / 4 + 64);
