@@ -154,10 +154,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keygate.db");
         let store = SqliteStore::open(&path).unwrap();
-        let keys = crate::bench::keys(2, "kg_");
+        let keys = crate::bench::keys(3, "kg_");
         crate::bench::import(&store, &keys);
-        let (a, b): (Arc<str>, Arc<str>) =
-            (keys[0].1.id.as_str().into(), keys[1].1.id.as_str().into());
+        let id = |i: usize| -> Arc<str> { keys[i].1.id.as_str().into() };
+        let (a, b, c) = (id(0), id(1), id(2));
         // A real failure of the store: the table uses go to is gone.
         let other = rusqlite::Connection::open(&path).unwrap();
         other
@@ -166,14 +166,17 @@ mod tests {
 
         let usage = Arc::new(UsageRecorder::default());
         usage.record(&a, "192.0.2.1".parse().unwrap());
+        usage.record(&c, "192.0.2.3".parse().unwrap());
         assert!(usage.flush(&store).await.is_err());
         usage.record(&b, "192.0.2.2".parse().unwrap());
+        // A later use of a key whose use was refused is the one written.
+        usage.record(&c, "192.0.2.4".parse().unwrap());
         other
             .execute_batch("ALTER TABLE away RENAME TO usage_log")
             .unwrap();
         usage.flush(&store).await.unwrap();
 
-        for (id, ip) in [(&a, "192.0.2.1"), (&b, "192.0.2.2")] {
+        for (id, ip) in [(&a, "192.0.2.1"), (&b, "192.0.2.2"), (&c, "192.0.2.4")] {
             let key = store.key_by_id(id).await.unwrap().unwrap();
             assert_eq!(key.last_used_ip, Some(ip.parse().unwrap()), "{id}");
             assert!(key.last_used_at.is_some());

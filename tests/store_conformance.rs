@@ -178,19 +178,11 @@ async fn conformance(store: Arc<dyn Store>) {
     let t1 = Timestamp::from_millisecond(now.as_millisecond()).unwrap();
     let t2 = t1 + SignedDuration::from_secs(5);
     store
-        .record_usage(Arc::from([UsageRecord {
-            key_id: b.id.as_str().into(),
-            at: t2,
-            ip: "192.0.2.2".parse().unwrap(),
-        }]))
+        .record_usage(Arc::from([used(&b.id, t2, "192.0.2.2")]))
         .await
         .unwrap();
     store
-        .record_usage(Arc::from([UsageRecord {
-            key_id: b.id.as_str().into(),
-            at: t1,
-            ip: "192.0.2.1".parse().unwrap(),
-        }]))
+        .record_usage(Arc::from([used(&b.id, t1, "192.0.2.1")]))
         .await
         .unwrap();
     let used = store.key_by_id(&b.id).await.unwrap().unwrap();
