@@ -7,13 +7,17 @@
 //!   refused), the key header stripped, `X-Forwarded-*` and the key id added, keep-alive to the
 //!   upstream, an access log line per request;
 //! - keygate, `workers: 1`, on the embedded store holding the same keys, its access log on;
-//! - with `--big N`, a second keygate whose store holds N keys, all in use.
+//! - with `--big N`, a second keygate whose store holds N keys, all in use;
+//! - hyper alone: this bench's own process, re-run as the least a proxy built on hyper does
+//!   (hyper's HTTP/1 server, each client connection given its own upstream connection through
+//!   hyper's HTTP/1 client, no key, no limit, no log, one thread). It is the ceiling of any
+//!   gateway built on hyper, keygate included, measured in the same run.
 //!
 //! Each target is driven by wrk (`benches/rotate_keys.lua`: every request the next key, so all
 //! are in use) with fixed connections; runs of all targets are interleaved, so drift hits all
 //! alike. Processes are pinned: wrk alone on CPU 0; the target and the upstream on CPU 1.
 //! Prints requests/s, p50, p99 (median of the runs), each target's ratio to the bare upstream,
-//! keygate's to nginx (per run, then the median), and keygate's memory.
+//! keygate's to nginx and to hyper alone (per run, then the median), and keygate's memory.
 //!
 //! Run: `cargo bench --bench load` (options after `--`: `--runs 5 --seconds 10
 //! --connections 64 --keys 1000 --big 1000000`). Installs nginx and wrk with apt-get when
@@ -27,12 +31,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keygate::bench;
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc; // as keygate's, for hyper alone
 use keygate::store::SqliteStore;
 use support::{Killed, free_port, memory_mib, tree_cpu_seconds, wait_for_port};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 const MISSES: &str = "keygate_key_cache_lookups_total{result=\"miss\"}";
 const WRK_SCRIPT: &str = include_str!("rotate_keys.lua");
+const HYPER_ALONE: &str = "hyper alone (no key, no log)";
 
 struct Options {
     runs: usize,
@@ -347,7 +354,62 @@ impl Target {
     }
 }
 
+/// `--hyper-alone <port> <upstream port>`: the bench's own process serving as hyper alone
+/// (see the top of this file), pinned by the bench like the other targets. Never returns.
+fn hyper_alone(port: u16, upstream: u16) -> ! {
+    use hyper::server::conn::http1 as server;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::{TcpListener, TcpStream};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let upstream = TcpStream::connect(("127.0.0.1", upstream)).await?;
+                client.set_nodelay(true)?;
+                upstream.set_nodelay(true)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
+                tokio::spawn(connection);
+                // One request at a time on an HTTP/1 connection: the lock is never contended,
+                // and it is not held while the response is awaited.
+                let sender = std::sync::Arc::new(std::sync::Mutex::new(sender));
+                let service =
+                    hyper::service::service_fn(move |req| sender.lock().unwrap().send_request(req));
+                server::Builder::new()
+                    .serve_connection(TokioIo::new(client), service)
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            });
+        }
+    })
+}
+
+fn start_hyper_alone(upstream: u16) -> (Killed, u16) {
+    let port = free_port();
+    let child = pinned(1, std::env::current_exe().unwrap())
+        .args(["--hyper-alone", &port.to_string(), &upstream.to_string()])
+        .spawn()
+        .unwrap();
+    let process = Killed(child);
+    wait_for_port(port, "hyper alone", Duration::from_secs(30));
+    (process, port)
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, port, upstream, ..] = &args[..]
+        && flag == "--hyper-alone"
+    {
+        hyper_alone(port.parse().unwrap(), upstream.parse().unwrap());
+    }
     let o = options();
     ensure_tools();
     let dir = tempfile::tempdir().unwrap();
@@ -394,6 +456,13 @@ fn main() {
             keygate.process.0.id(),
         ),
     ];
+    let alone = start_hyper_alone(upstream_port);
+    targets.push(Target::new(
+        HYPER_ALONE.into(),
+        alone.1,
+        &keygate.secrets,
+        alone.0.0.id(),
+    ));
     if let Some((n, big)) = &big {
         targets.push(Target::new(
             format!("keygate, {n} keys"),
@@ -450,7 +519,7 @@ fn main() {
         }
     }
 
-    if targets.len() < 3 {
+    if o.only.is_some() {
         return;
     }
     let column = |t: &Target, f: fn(&Run) -> f64| median(t.runs.iter().map(f).collect());
@@ -487,9 +556,17 @@ fn main() {
         ratio(ours, nginx, |r| r.p50_ms),
         ratio(ours, nginx, |r| r.p99_ms),
     );
+    if let Some(alone) = targets.iter().find(|t| t.name == HYPER_ALONE) {
+        println!(
+            "hyper alone / nginx: requests/s {:.2}x, p99 {:.2}x; keygate / hyper alone: requests/s {:.2}x",
+            ratio(alone, nginx, |r| r.per_second),
+            ratio(alone, nginx, |r| r.p99_ms),
+            ratio(ours, alone, |r| r.per_second),
+        );
+    }
     let misses = metric(keygate.admin, MISSES) - misses_before;
     println!("keygate cache misses during the measured runs: {misses}");
-    for t in &targets[2..] {
+    for t in targets[2..].iter().filter(|t| t.name != HYPER_ALONE) {
         println!(
             "{}: RSS {:.0} MiB, peak {:.0} MiB",
             t.name,
@@ -497,7 +574,7 @@ fn main() {
             memory_mib(t.pid, "VmHWM")
         );
     }
-    if let Some(big) = targets.get(3) {
+    if let Some(big) = targets.iter().skip(3).find(|t| t.name != HYPER_ALONE) {
         let (small, n) = (&targets[2], o.big.unwrap_or(1));
         println!(
             "{n} keys vs {} keys: requests/s {:.2}x, p99 {:.2}x; memory per key {:.0} bytes",
