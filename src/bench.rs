@@ -31,10 +31,11 @@ impl HotPath {
     /// credential, shape and checksum, digest, cache (else store) lookup, status, usage record
     /// and both rate-limit windows. `true` when it would be forwarded.
     pub async fn admit(&self, headers: &HeaderMap, client_ip: IpAddr) -> bool {
-        let Ok((key, _)) = self.gateway.authenticate(headers, client_ip).await else {
+        let now = jiff::Timestamp::now();
+        let Ok((key, _)) = self.gateway.authenticate(headers, client_ip, now).await else {
             return false;
         };
-        self.gateway.usage.record(&key.id, client_ip);
+        self.gateway.usage.record(&key.id, client_ip, now);
         matches!(self.gateway.rate_check(&key).await, Ok(v) if v.refused_by.is_none())
     }
 

@@ -166,10 +166,14 @@ impl Gateway {
         trace.route = Some(route.index);
         trace.client_ip = self.client_ip(req.headers(), peer.ip());
 
+        // One reading of the wall clock for the key's status and its last use.
+        let now = Timestamp::now();
         let (key, carried) = match route.auth {
             AuthMode::None => (None, None),
             AuthMode::Required => {
-                let (key, carried) = self.authenticate(req.headers(), trace.client_ip).await?;
+                let (key, carried) = self
+                    .authenticate(req.headers(), trace.client_ip, now)
+                    .await?;
                 trace.key_id = Some(Arc::clone(&key.id));
                 (Some(key), Some(carried))
             }
@@ -178,7 +182,7 @@ impl Gateway {
         let rate = match &key {
             Some(key) => {
                 // A rate-limited request is a use of the key too (SPEC §3 Usage).
-                self.usage.record(&key.id, trace.client_ip);
+                self.usage.record(&key.id, trace.client_ip, now);
                 let verdict = self.rate_check(key).await?;
                 let headers = RateHeaders::new(key.policy.clone(), key.limits, &verdict);
                 if let Some(window) = verdict.refused_by {
@@ -209,12 +213,13 @@ impl Gateway {
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,
+        now: Timestamp,
     ) -> Result<(Arc<CachedKey>, CarriedBy), GatewayError> {
         // Checked before the key, so a blocked client cannot tell a good guess from a bad one.
         if let Some(retry_after) = self.failed_auth.blocked(client_ip) {
             return Err(GatewayError::TooManyFailedAttempts { retry_after });
         }
-        let result = self.verify(headers).await;
+        let result = self.verify(headers, now).await;
         if let Err(
             e @ (GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
@@ -233,6 +238,7 @@ impl Gateway {
     async fn verify(
         &self,
         headers: &HeaderMap,
+        now: Timestamp,
     ) -> Result<(Arc<CachedKey>, CarriedBy), GatewayError> {
         let (secret, carried) = credential::extract(headers).map_err(|e| match e {
             CredentialError::Missing => GatewayError::MissingApiKey,
@@ -247,7 +253,7 @@ impl Gateway {
             .lookup(&hash)
             .await?
             .ok_or(GatewayError::InvalidApiKey)?;
-        match key.status(Timestamp::now()) {
+        match key.status(now) {
             Status::Revoked => Err(GatewayError::RevokedApiKey),
             Status::Expired => Err(GatewayError::ExpiredApiKey),
             Status::Active | Status::ExpiringSoon => Ok((key, carried)),

@@ -36,8 +36,7 @@ impl Default for UsageRecorder {
 
 impl UsageRecorder {
     /// Notes a use of a key; the latest use wins.
-    pub(crate) fn record(&self, key: &Arc<str>, ip: IpAddr) {
-        let now = Timestamp::now();
+    pub(crate) fn record(&self, key: &Arc<str>, ip: IpAddr, now: Timestamp) {
         match self.pending.get_mut(key) {
             Some(mut entry) => *entry = (now, ip),
             None => {
@@ -165,12 +164,12 @@ mod tests {
             .unwrap();
 
         let usage = Arc::new(UsageRecorder::default());
-        usage.record(&a, "192.0.2.1".parse().unwrap());
-        usage.record(&c, "192.0.2.3".parse().unwrap());
+        usage.record(&a, "192.0.2.1".parse().unwrap(), Timestamp::now());
+        usage.record(&c, "192.0.2.3".parse().unwrap(), Timestamp::now());
         assert!(usage.flush(&store).await.is_err());
-        usage.record(&b, "192.0.2.2".parse().unwrap());
+        usage.record(&b, "192.0.2.2".parse().unwrap(), Timestamp::now());
         // A later use of a key whose use was refused is the one written.
-        usage.record(&c, "192.0.2.4".parse().unwrap());
+        usage.record(&c, "192.0.2.4".parse().unwrap(), Timestamp::now());
         other
             .execute_batch("ALTER TABLE away RENAME TO usage_log")
             .unwrap();

@@ -88,7 +88,11 @@ impl LocalLimiter {
     /// Decides one request of `key` and counts it when allowed.
     pub(crate) fn check(&self, key: &Arc<str>, limits: Limits) -> Verdict {
         let now = self.now_us();
-        // The shard lock is held only for this pure decision; nothing awaits under it.
+        // The shard lock is held only for this pure decision; nothing awaits under it. A key
+        // seen before is found by its text, without touching the count of its shared `Arc`.
+        if let Some(mut windows) = self.windows.get_mut(&**key) {
+            return decide(&mut windows, limits, now);
+        }
         let mut windows = self.windows.entry(Arc::clone(key)).or_default();
         decide(&mut windows, limits, now)
     }
