@@ -16,6 +16,9 @@ use std::time::Duration;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
+mod format;
+pub use format::LineFormat;
+
 /// The target of the one-line-per-request events (`gateway`).
 pub const ACCESS_TARGET: &str = "keygate::access";
 

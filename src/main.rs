@@ -1,13 +1,12 @@
 //! The `keygate` binary: arguments, logging, exit codes. The work is in the library.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use keygate::cli::{Cli, Command, LogFormat, run_keys};
 use keygate::config::Config;
 use keygate::error_chain;
-use keygate::logging::{BatchedLog, LogGuard};
+use keygate::logging::{BatchedLog, LineFormat, LogGuard};
 use keygate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -21,14 +20,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn init_logging(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = BatchedLog::new(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+        .event_format(match format {
+            LogFormat::Json => LineFormat::Json,
+            LogFormat::Text => LineFormat::Text,
+        })
+        .init();
     guard
 }
 
