@@ -190,7 +190,7 @@ mod tests {
 
     /// A `Write` into a buffer the test can read.
     #[derive(Debug, Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl Write for Sink {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
@@ -203,7 +203,7 @@ mod tests {
     }
 
     impl Sink {
-        fn text(&self) -> String {
+        pub(super) fn text(&self) -> String {
             String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
         }
     }

@@ -234,33 +234,19 @@ impl fmt::Write for Escaped<'_, '_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
+    use crate::logging::tests::Sink;
 
     /// The lines an event makes in this format.
     fn lines(format: LineFormat, emit: impl FnOnce()) -> Vec<String> {
-        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let sink = Arc::clone(&out);
+        let sink = Sink::default();
+        let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || Sink(Arc::clone(&sink)))
+            .with_writer(move || writer.clone())
             .event_format(format)
             .finish();
         tracing::subscriber::with_default(subscriber, emit);
-        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        text.lines().map(str::to_string).collect()
-    }
-
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        sink.text().lines().map(str::to_string).collect()
     }
 
     fn access_line() {
