@@ -17,7 +17,7 @@ use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 mod format;
-pub use format::LineFormat;
+pub use format::LogFormat;
 
 /// The target of the one-line-per-request events (`gateway`).
 pub const ACCESS_TARGET: &str = "keygate::access";

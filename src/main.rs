@@ -6,7 +6,7 @@ use clap::Parser;
 use keygate::cli::{Cli, Command, LogFormat, run_keys};
 use keygate::config::Config;
 use keygate::error_chain;
-use keygate::logging::{BatchedLog, LineFormat, LogGuard};
+use keygate::logging::{BatchedLog, LogGuard};
 use keygate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -23,10 +23,7 @@ fn init_logging(format: LogFormat) -> LogGuard {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .event_format(match format {
-            LogFormat::Json => LineFormat::Json,
-            LogFormat::Text => LineFormat::Text,
-        })
+        .event_format(format)
         .init();
     guard
 }

@@ -163,22 +163,29 @@ mod tests {
             .execute_batch("ALTER TABLE usage_log RENAME TO away")
             .unwrap();
 
+        // Whole milliseconds, as the store keeps them, one second apart.
+        let base = Timestamp::now().as_millisecond() - 10_000;
+        let at = |s: i64| Timestamp::from_millisecond(base + s * 1000).unwrap();
         let usage = Arc::new(UsageRecorder::default());
-        usage.record(&a, "192.0.2.1".parse().unwrap(), Timestamp::now());
-        usage.record(&c, "192.0.2.3".parse().unwrap(), Timestamp::now());
+        usage.record(&a, "192.0.2.1".parse().unwrap(), at(1));
+        usage.record(&c, "192.0.2.3".parse().unwrap(), at(2));
         assert!(usage.flush(&store).await.is_err());
-        usage.record(&b, "192.0.2.2".parse().unwrap(), Timestamp::now());
+        usage.record(&b, "192.0.2.2".parse().unwrap(), at(3));
         // A later use of a key whose use was refused is the one written.
-        usage.record(&c, "192.0.2.4".parse().unwrap(), Timestamp::now());
+        usage.record(&c, "192.0.2.4".parse().unwrap(), at(4));
         other
             .execute_batch("ALTER TABLE away RENAME TO usage_log")
             .unwrap();
         usage.flush(&store).await.unwrap();
 
-        for (id, ip) in [(&a, "192.0.2.1"), (&b, "192.0.2.2"), (&c, "192.0.2.4")] {
+        for (id, ip, when) in [
+            (&a, "192.0.2.1", at(1)),
+            (&b, "192.0.2.2", at(3)),
+            (&c, "192.0.2.4", at(4)),
+        ] {
             let key = store.key_by_id(id).await.unwrap().unwrap();
             assert_eq!(key.last_used_ip, Some(ip.parse().unwrap()), "{id}");
-            assert!(key.last_used_at.is_some());
+            assert_eq!(key.last_used_at, Some(when), "{id}");
         }
         assert_eq!(usage.pending.len(), 0);
     }

@@ -22,13 +22,13 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
 /// The line format of `serve --log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LineFormat {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
     Text,
     Json,
 }
 
-impl<S, N> FormatEvent<S, N> for LineFormat
+impl<S, N> FormatEvent<S, N> for LogFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -40,7 +40,7 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        let json = *self == LineFormat::Json;
+        let json = *self == LogFormat::Json;
         if json {
             w.write_str("{\"timestamp\":\"")?;
             write_timestamp(&mut w)?;
@@ -67,13 +67,9 @@ where
         event.record(&mut fields);
         fields.result?;
         if json {
-            w.write_str(",\"target\":\"")?;
-            Escaped {
-                w: &mut w,
-                quoted: true,
-            }
-            .write_str(meta.target())?;
-            w.write_str("\"}\n")
+            w.write_str(",\"target\":")?;
+            write_quoted(&mut w, |e| e.write_str(meta.target()))?;
+            w.write_str("}\n")
         } else {
             w.write_char('\n')
         }
@@ -122,13 +118,9 @@ struct Fields<'a, 'w> {
 impl Fields<'_, '_> {
     fn name(&mut self, field: &Field) -> fmt::Result {
         if self.json {
-            self.w.write_str(",\"")?;
-            Escaped {
-                w: self.w,
-                quoted: true,
-            }
-            .write_str(field.name())?;
-            self.w.write_str("\":")
+            self.w.write_char(',')?;
+            write_quoted(self.w, |e| e.write_str(field.name()))?;
+            self.w.write_char(':')
         } else if field.name() == "message" {
             self.w.write_char(' ')
         } else {
@@ -158,13 +150,13 @@ impl Fields<'_, '_> {
         let quoted = quoted || self.json;
         self.result = self.name(field).and_then(|()| {
             if quoted {
-                self.w.write_char('"')?;
+                write_quoted(self.w, value)
+            } else {
+                value(&mut Escaped {
+                    w: self.w,
+                    quoted: false,
+                })
             }
-            value(&mut Escaped { w: self.w, quoted })?;
-            if quoted {
-                self.w.write_char('"')?;
-            }
-            Ok(())
         });
     }
 }
@@ -200,6 +192,16 @@ impl Visit for Fields<'_, '_> {
             self.bare(field, &value.to_string());
         }
     }
+}
+
+/// `"…"`, with what `write` writes escaped for its place within quotes.
+fn write_quoted(
+    w: &mut Writer<'_>,
+    write: impl FnOnce(&mut Escaped<'_, '_>) -> fmt::Result,
+) -> fmt::Result {
+    w.write_char('"')?;
+    write(&mut Escaped { w, quoted: true })?;
+    w.write_char('"')
 }
 
 /// Escapes what a value must not carry: control characters (so a value cannot begin a line
@@ -238,7 +240,7 @@ mod tests {
     use crate::logging::tests::Sink;
 
     /// The lines an event makes in this format.
-    fn lines(format: LineFormat, emit: impl FnOnce()) -> Vec<String> {
+    fn lines(format: LogFormat, emit: impl FnOnce()) -> Vec<String> {
         let sink = Sink::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -263,7 +265,7 @@ mod tests {
 
     #[test]
     fn text_lines_read_as_tracing_subscriber_writes_them() {
-        let lines = lines(LineFormat::Text, || {
+        let lines = lines(LogFormat::Text, || {
             access_line();
             tracing::warn!(
                 plain = "a b",
@@ -293,7 +295,7 @@ mod tests {
 
     #[test]
     fn no_value_can_break_a_text_line() {
-        let lines = lines(LineFormat::Text, || {
+        let lines = lines(LogFormat::Text, || {
             tracing::warn!(cause = %HOSTILE, "upstream said");
             tracing::warn!(quoted = HOSTILE, "upstream said");
         });
@@ -308,7 +310,7 @@ mod tests {
 
     #[test]
     fn json_lines_are_objects_with_typed_fields() {
-        let lines = lines(LineFormat::Json, || {
+        let lines = lines(LogFormat::Json, || {
             access_line();
             tracing::warn!(cause = %HOSTILE, debug = ?"x", neg = -3i64, ok = true, nan = f64::NAN, "upstream said");
         });
