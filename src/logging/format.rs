@@ -36,19 +36,44 @@ where
     fn format_event(
         &self,
         _ctx: &FmtContext<'_, S, N>,
-        mut w: Writer<'_>,
+        mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
+        // Appends to a `String` the compiler sees, then one write through the subscriber's
+        // `dyn Write`, instead of a dynamic call for every piece of the line.
+        with_line(|w| {
+            self.write_line(w, event)?;
+            writer.write_str(w)
+        })
+    }
+}
+
+/// A scratch line per thread; a fresh one if a value's formatting logs in turn.
+fn with_line<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    thread_local! {
+        static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    LINE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut line) => {
+            line.clear();
+            f(&mut line)
+        }
+        Err(_) => f(&mut String::new()),
+    })
+}
+
+impl LogFormat {
+    fn write_line(self, w: &mut String, event: &Event<'_>) -> fmt::Result {
         let meta = event.metadata();
-        let json = *self == LogFormat::Json;
+        let json = self == LogFormat::Json;
         if json {
             w.write_str("{\"timestamp\":\"")?;
-            write_timestamp(&mut w)?;
+            write_timestamp(w)?;
             w.write_str("\",\"level\":\"")?;
             w.write_str(meta.level().as_str())?;
             w.write_char('"')?;
         } else {
-            write_timestamp(&mut w)?;
+            write_timestamp(w)?;
             w.write_str(match *meta.level() {
                 Level::ERROR => " ERROR ",
                 Level::WARN => "  WARN ",
@@ -60,7 +85,7 @@ where
             w.write_char(':')?;
         }
         let mut fields = Fields {
-            w: &mut w,
+            w,
             json,
             result: Ok(()),
         };
@@ -68,7 +93,7 @@ where
         fields.result?;
         if json {
             w.write_str(",\"target\":")?;
-            write_quoted(&mut w, |e| e.write_str(meta.target()))?;
+            write_quoted(w, |e| e.write_str(meta.target()))?;
             w.write_str("}\n")
         } else {
             w.write_char('\n')
@@ -78,7 +103,7 @@ where
 
 /// RFC 3339 in UTC to the microsecond; the date and time to the second are formatted once
 /// a second per thread.
-fn write_timestamp(w: &mut Writer<'_>) -> fmt::Result {
+fn write_timestamp(w: &mut String) -> fmt::Result {
     thread_local! {
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
@@ -109,13 +134,13 @@ fn write_timestamp(w: &mut Writer<'_>) -> fmt::Result {
 
 /// Writes each field: ` name=value` in text (the message without its name), `,"name":value`
 /// in JSON.
-struct Fields<'a, 'w> {
-    w: &'a mut Writer<'w>,
+struct Fields<'a> {
+    w: &'a mut String,
     json: bool,
     result: fmt::Result,
 }
 
-impl Fields<'_, '_> {
+impl Fields<'_> {
     fn name(&mut self, field: &Field) -> fmt::Result {
         if self.json {
             self.w.write_char(',')?;
@@ -142,7 +167,7 @@ impl Fields<'_, '_> {
         &mut self,
         field: &Field,
         quoted: bool,
-        value: impl FnOnce(&mut Escaped<'_, '_>) -> fmt::Result,
+        value: impl FnOnce(&mut Escaped<'_>) -> fmt::Result,
     ) {
         if self.result.is_err() {
             return;
@@ -161,7 +186,7 @@ impl Fields<'_, '_> {
     }
 }
 
-impl Visit for Fields<'_, '_> {
+impl Visit for Fields<'_> {
     /// Quoted in text too, as `tracing-subscriber` writes a `&str` field.
     fn record_str(&mut self, field: &Field, value: &str) {
         self.text(field, true, |w| w.write_str(value));
@@ -196,8 +221,8 @@ impl Visit for Fields<'_, '_> {
 
 /// `"…"`, with what `write` writes escaped for its place within quotes.
 fn write_quoted(
-    w: &mut Writer<'_>,
-    write: impl FnOnce(&mut Escaped<'_, '_>) -> fmt::Result,
+    w: &mut String,
+    write: impl FnOnce(&mut Escaped<'_>) -> fmt::Result,
 ) -> fmt::Result {
     w.write_char('"')?;
     write(&mut Escaped { w, quoted: true })?;
@@ -206,12 +231,12 @@ fn write_quoted(
 
 /// Escapes what a value must not carry: control characters (so a value cannot begin a line
 /// or drive a terminal), and within quotes also `"` and `\`.
-struct Escaped<'a, 'w> {
-    w: &'a mut Writer<'w>,
+struct Escaped<'a> {
+    w: &'a mut String,
     quoted: bool,
 }
 
-impl fmt::Write for Escaped<'_, '_> {
+impl fmt::Write for Escaped<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut start = 0;
         for (i, b) in s.bytes().enumerate() {
