@@ -16,7 +16,7 @@ mod failed_auth;
 mod global;
 mod window;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -131,18 +131,23 @@ impl RateHeaders {
     }
 
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        // One growth of the map for the five, not one per insert.
+        headers.reserve(5);
         headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
-        let ratelimit = format!("\"minute\";r={};t={}", self.remaining, self.reset);
+        let (mut remaining, mut reset) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (remaining, reset) = (remaining.format(self.remaining), reset.format(self.reset));
+        let mut ratelimit = String::with_capacity(14 + remaining.len() + reset.len());
+        ratelimit.push_str("\"minute\";r=");
+        ratelimit.push_str(remaining);
+        ratelimit.push_str(";t=");
+        ratelimit.push_str(reset);
         headers.insert(
             RATELIMIT.clone(),
             HeaderValue::try_from(ratelimit).expect("ASCII"),
         );
-        headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
-        headers.insert(
-            X_RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(self.remaining),
-        );
-        headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(self.reset));
+        headers.insert(X_RATELIMIT_LIMIT.clone(), number(self.limit.into()));
+        headers.insert(X_RATELIMIT_REMAINING.clone(), number(self.remaining.into()));
+        headers.insert(X_RATELIMIT_RESET.clone(), number(self.reset));
     }
 
     #[cfg(test)]
@@ -160,8 +165,61 @@ impl RateHeaders {
     }
 }
 
+/// A number as a header value. Below 1,024 (remaining counts and reset seconds nearly always
+/// are) it comes from a table made once, of values over one static string, which clone
+/// without allocating or counting references.
+fn number(n: u64) -> HeaderValue {
+    const TABLE: usize = 1024;
+    static SMALL: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
+        let mut all = String::new();
+        let mut ends = Vec::with_capacity(TABLE);
+        for i in 0..TABLE {
+            all.push_str(itoa::Buffer::new().format(i));
+            ends.push(all.len());
+        }
+        let all: &'static str = all.leak();
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let value = HeaderValue::from_static(&all[start..end]);
+                start = end;
+                value
+            })
+            .collect()
+    });
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
 pub(crate) fn whole_seconds_up(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_the_same_from_the_table_and_beyond_it() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            1000,
+            1023,
+            1024,
+            60_000,
+            1_000_000_000,
+            u64::MAX,
+        ] {
+            assert_eq!(number(n), n.to_string().as_str(), "{n}");
+        }
+    }
 }
