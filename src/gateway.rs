@@ -24,7 +24,7 @@ use crate::ratelimit::{
     FailedAuthLimiter, GlobalLimiter, Limits, LocalLimiter, RateHeaders, Verdict,
 };
 use crate::store::{Store, StoreError, StoreHealth};
-use crate::upstream::{self, PooledBody, Route, Router};
+use crate::upstream::{self, Deadline, PooledBody, Route, Router};
 use crate::usage::UsageRecorder;
 
 /// What the data plane answers with: the upstream's streamed body, or one of ours.
@@ -53,6 +53,34 @@ pub(crate) struct Gateway {
     pub(crate) usage: Arc<UsageRecorder>,
     pub(crate) metrics: Metrics,
     pub(crate) defaults: Limits,
+}
+
+/// One client connection as its requests see it: the peer's address, already written as
+/// header text (once per connection, not per request, for `X-Forwarded-For` and the access
+/// log), and the timer its requests reuse for their upstream deadline.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    ip_text: HeaderValue,
+    deadline: Deadline,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            ip_text: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is ASCII"),
+            deadline: Deadline::default(),
+        }
+    }
+
+    fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+
+    fn ip_str(&self) -> &str {
+        self.ip_text.to_str().unwrap_or("-")
+    }
 }
 
 /// What the access log and metrics learn about a request as it goes.
@@ -105,7 +133,7 @@ impl Gateway {
     pub(crate) async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         tls: bool,
     ) -> Response<Body> {
         let start = Instant::now();
@@ -127,11 +155,19 @@ impl Gateway {
             .route
             .map_or("none", |i| self.config.routes[i].name.as_str());
         let key_id = trace.key_id.as_deref().unwrap_or("-");
+        // Behind trusted proxies the client is another address than the peer's.
+        let other_ip;
+        let client_ip = if trace.client_ip == peer.ip() {
+            peer.ip_str()
+        } else {
+            other_ip = trace.client_ip.to_string();
+            &other_ip
+        };
         match &error {
             Some(e) if response.status().is_server_error() => tracing::warn!(
                 target: "keygate::access",
                 route = %route, method = %method, status = response.status().as_u16(),
-                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %trace.client_ip,
+                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %client_ip,
                 latency_us = elapsed.as_micros() as u64,
                 cause = %error_chain(e),
                 "request"
@@ -139,7 +175,7 @@ impl Gateway {
             _ => tracing::info!(
                 target: "keygate::access",
                 route = %route, method = %method, status = response.status().as_u16(),
-                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %trace.client_ip,
+                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %client_ip,
                 latency_us = elapsed.as_micros() as u64,
                 "request"
             ),
@@ -150,7 +186,7 @@ impl Gateway {
     async fn pipeline(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         tls: bool,
         trace: &mut Trace,
     ) -> Result<Response<Body>, GatewayError> {
@@ -200,7 +236,7 @@ impl Gateway {
         };
 
         let mut response = self
-            .forward(req, route, key.as_deref(), carried, peer.ip(), tls)
+            .forward(req, route, key.as_deref(), carried, peer, tls)
             .await?;
         if let Some(rate) = rate {
             rate.apply(response.headers_mut());
@@ -333,7 +369,7 @@ impl Gateway {
         route: &Route,
         key: Option<&CachedKey>,
         carried: Option<CarriedBy>,
-        peer: IpAddr,
+        peer: &Peer,
         tls: bool,
     ) -> Result<Response<Body>, GatewayError> {
         let mut req = req;
@@ -363,19 +399,21 @@ impl Gateway {
         }
 
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            route.timeout,
-            route.pool.send(Request::from_parts(parts, body)),
-        )
-        .await;
+        let result = peer
+            .deadline
+            .within(
+                route.timeout,
+                route.pool.send(Request::from_parts(parts, body)),
+            )
+            .await;
         self.metrics
             .route(Some(route.index))
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Err(_) => Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(e)),
-            Ok(Ok(mut response)) => {
+            None => Err(GatewayError::UpstreamTimeout),
+            Some(Err(e)) => Err(GatewayError::UpstreamUnavailable(e)),
+            Some(Ok(mut response)) => {
                 let switching = response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
                 if let (Some(client), true) = (client_upgrade, switching) {
                     let upstream = hyper::upgrade::on(&mut response);
@@ -397,7 +435,7 @@ impl Gateway {
         headers: &mut HeaderMap,
         key: Option<&CachedKey>,
         carried: Option<CarriedBy>,
-        peer: IpAddr,
+        peer: &Peer,
         tls: bool,
         original_host: Option<HeaderValue>,
     ) {
@@ -421,17 +459,18 @@ impl Gateway {
                 headers.remove(name);
             }
         }
-        let forwarded_for = if self.is_trusted(peer) {
+        // X-Forwarded-*, X-Keygate-* and Host: one growth of the map, not one per insert.
+        headers.reserve(6);
+        let forwarded_for = if self.is_trusted(peer.ip()) {
             let mut chain: Vec<&str> = headers
                 .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            let peer = peer.to_string();
-            chain.push(&peer);
+            chain.push(peer.ip_str());
             HeaderValue::from_str(&chain.join(", ")).ok()
         } else {
-            HeaderValue::from_str(&peer.to_string()).ok()
+            Some(peer.ip_text.clone())
         };
         if let Some(value) = forwarded_for {
             headers.insert(X_FORWARDED_FOR.clone(), value);

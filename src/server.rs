@@ -29,11 +29,15 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::config::{Backend, Config, Scope};
 use crate::error_chain;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Peer};
 use crate::metrics::StoreOp;
 use crate::ratelimit::GlobalLimiter;
 use crate::store::{RedisStore, SqliteStore, Store, StoreError};
 use crate::tls::{Certificates, TlsError};
+
+mod watchdog;
+
+use watchdog::{HeaderDeadline, Tracked};
 
 /// How often idle limiter, cache and failed-auth state is dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -184,7 +188,8 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.limits.header_read_timeout)
+        // Kept by our watchdog (see `watchdog`), not by a timer of hyper's per request.
+        .header_read_timeout(None)
         // Above max_header_bytes, so our own check answers 431 with problem+json.
         .max_buf_size((config.limits.max_header_bytes + 4096).max(8192));
     builder
@@ -219,9 +224,17 @@ pub async fn run(
         stop_rx.clone(),
         config.shutdown_timeout,
         config.limits.header_read_timeout,
-        move |req, peer| {
-            let gw = Arc::clone(&gw);
-            async move { gw.handle(req, peer, tls).await }
+        move |addr| {
+            // Per connection, so requests count references on a value of their connection's
+            // instead of one all workers share.
+            let connection = Arc::new((Arc::clone(&gw), Peer::new(addr)));
+            move |req| {
+                let connection = Arc::clone(&connection);
+                async move {
+                    let (gw, peer) = &*connection;
+                    gw.handle(req, peer, tls).await
+                }
+            }
         },
     ));
     let admin_task = tokio::spawn(accept_loop(
@@ -233,9 +246,12 @@ pub async fn run(
         stop_rx.clone(),
         config.shutdown_timeout,
         config.limits.header_read_timeout,
-        move |req, _peer| {
+        move |_addr| {
             let admin = Arc::clone(&admin);
-            async move { admin.handle(req).await }
+            move |req| {
+                let admin = Arc::clone(&admin);
+                async move { admin.handle(req).await }
+            }
         },
     ));
     let background = tokio::spawn(background(Arc::clone(&gateway), stop_rx));
@@ -317,9 +333,10 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Accepts connections until stopped, at most `max_connections` at once; then waits up to
-/// `drain` for open connections to finish. Returns how many were cut.
+/// `drain` for open connections to finish. Returns how many were cut. `handler_for` makes a
+/// connection's request handler from its peer address, once per connection.
 #[allow(clippy::too_many_arguments)]
-async fn accept_loop<F, Fut, B>(
+async fn accept_loop<F, H, Fut, B>(
     listener: TcpListener,
     tls: Option<Arc<Certificates>>,
     builder: auto::Builder<TokioExecutor>,
@@ -327,13 +344,14 @@ async fn accept_loop<F, Fut, B>(
     active: IntGauge,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
-    handshake_timeout: Duration,
-    handler: F,
+    header_read_timeout: Duration,
+    handler_for: F,
 ) -> usize
 where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(SocketAddr) -> H,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -359,11 +377,14 @@ where
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
+        let handler = handler_for(peer);
+        let deadline = HeaderDeadline::new(header_read_timeout);
+        let waiting = Arc::clone(&deadline);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let serving = deadline.serving(req.version());
             // Boxed: a request's future is a few KB, and hyper moves what it is given.
-            let response = Box::pin(handler(req, peer));
-            async move { Ok::<_, Infallible>(response.await) }
+            let response = Box::pin(handler(req));
+            async move { Ok::<_, Infallible>(response.await.map(|b| Tracked::new(b, serving))) }
         });
         let (builder, watcher, active) = (Arc::clone(&builder), graceful.watcher(), active.clone());
         let tls = tls.as_ref().map(|c| TlsAcceptor::from(c.current()));
@@ -373,16 +394,16 @@ where
                 None => {
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    until_expired(watcher.watch(connection.into_owned()), &waiting).await
                 }
                 // The handshake is bounded like the header read: a client that opens a
                 // connection and sends nothing does not hold it open.
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let connection = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(connection.into_owned()).await
+                            until_expired(watcher.watch(connection.into_owned()), &waiting).await
                         }
                         Ok(Err(e)) => Err(e.into()),
                         Err(_) => Err("TLS handshake timed out".into()),
@@ -400,5 +421,21 @@ where
     match tokio::time::timeout(drain, graceful.shutdown()).await {
         Ok(()) => 0,
         Err(_) => usize::try_from(active.get()).unwrap_or(0),
+    }
+}
+
+/// Serves a connection until it ends or has waited its header-read timeout for a request head;
+/// then it is closed without an answer, as hyper closes it.
+async fn until_expired<E>(
+    connection: impl Future<Output = Result<(), E>>,
+    deadline: &HeaderDeadline,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::select! {
+        biased;
+        result = connection => result.map_err(Into::into),
+        () = deadline.expired() => Err("no request head within header_read_timeout".into()),
     }
 }

@@ -394,6 +394,64 @@ async fn slow_header_senders_are_cut_and_others_are_served_meanwhile() {
     assert_eq!(upstream.count("/v1/normal"), 20);
 }
 
+/// Reads one whole response (head and `Content-Length` body) from a keep-alive connection.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_answer_is_not_cut_by_the_header_timeout_but_an_idle_connection_is() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream, "limits:\n  header_read_timeout: 1s\n").await;
+    let (_, secret) = gateway.create_simple_key("patient").await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    let request = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {secret}\r\n\r\n")
+    };
+    // The upstream takes longer than the header timeout: the request is in flight, not a
+    // connection waiting for a head.
+    stream
+        .write_all(request("/v1/slow?ms=1500").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The same connection serves the next request sent within the timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.write_all(request("/v1/next").as_bytes()).await.unwrap();
+    let answer = read_response(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Then, idle for longer than the timeout, it is closed.
+    let idle = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection stayed open: {read:?}"
+    );
+    let waited = idle.elapsed();
+    assert!(waited >= Duration::from_millis(900), "closed after {waited:?}");
+    assert_eq!(upstream.count("/v1/slow"), 1);
+    assert_eq!(upstream.count("/v1/next"), 1);
+}
+
 #[tokio::test]
 async fn hostile_requests_are_refused_and_never_forwarded() {
     let upstream = Upstream::start().await;

@@ -1,7 +1,9 @@
 //! Routing, the header rules of forwarding (SPEC §3) and the upstream connections.
 
+mod deadline;
 mod pool;
 
+pub(crate) use deadline::Deadline;
 pub(crate) use pool::{Pool, PooledBody};
 
 use std::sync::Arc;
@@ -48,25 +50,42 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few headers a message has, instead of a lookup per name: most requests
-    // carry none of them.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the few headers a message has, noting which hop-by-hop ones are there:
+    // most requests carry none, most responses only `Connection: keep-alive`.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    // `HOP_BY_HOP[0]` is `Connection`.
+    if present & 1 != 0 {
+        // Parsed only for names not removed anyway: `keep-alive` and `close` allocate nothing.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|name| {
+                !name.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in listed {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
