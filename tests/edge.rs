@@ -400,7 +400,11 @@ async fn read_response(stream: &mut TcpStream) -> String {
     let mut buf = [0u8; 4096];
     loop {
         let n = stream.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&answer));
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&answer)
+        );
         answer.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&answer).into_owned();
         if let Some(end) = text.find("\r\n\r\n") {
@@ -435,7 +439,10 @@ async fn a_slow_answer_is_not_cut_by_the_header_timeout_but_an_idle_connection_i
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // The same connection serves the next request sent within the timeout.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stream.write_all(request("/v1/next").as_bytes()).await.unwrap();
+    stream
+        .write_all(request("/v1/next").as_bytes())
+        .await
+        .unwrap();
     let answer = read_response(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Then, idle for longer than the timeout, it is closed.
@@ -447,7 +454,10 @@ async fn a_slow_answer_is_not_cut_by_the_header_timeout_but_an_idle_connection_i
         "an idle connection stayed open: {read:?}"
     );
     let waited = idle.elapsed();
-    assert!(waited >= Duration::from_millis(900), "closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
     assert_eq!(upstream.count("/v1/slow"), 1);
     assert_eq!(upstream.count("/v1/next"), 1);
 }

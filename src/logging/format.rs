@@ -303,7 +303,11 @@ mod tests {
         let (at_text, rest) = lines[0].split_once(' ').unwrap();
         // Always six digits of microseconds, trailing zeros included (jiff's own Display drops
         // them, so the text is checked, not the parsed value printed again).
-        assert_eq!(at_text.len(), "2026-12-02T00:57:35.123456Z".len(), "{at_text}");
+        assert_eq!(
+            at_text.len(),
+            "2026-12-02T00:57:35.123456Z".len(),
+            "{at_text}"
+        );
         let at: jiff::Timestamp = at_text.parse().expect("RFC 3339 timestamp");
         assert!((jiff::Timestamp::now() - at).get_seconds().abs() < 5);
         assert_eq!(

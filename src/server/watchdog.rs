@@ -3,7 +3,7 @@
 //!
 //! hyper's own `header_read_timeout` allocates, registers and drops a timer for every request
 //! head, and makes the connection try one more read after each head so the timer gets polled.
-//! In the load bench (10 interleaved rounds) that cost 1.6 µs of user and 1.9 µs of system CPU
+//! In the load layout (8 interleaved rounds) that cost 1.6 µs of user and 1.9 µs of system CPU
 //! per request, about an eighth of all keygate spends. The watchdog keeps the same rule (a
 //! connection waiting for a request head, whether idle between requests or receiving one
 //! slowly, is closed once it has waited that long) with two atomic updates per request and a
