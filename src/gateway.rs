@@ -60,7 +60,7 @@ pub(crate) struct Gateway {
 /// log), and the timer its requests reuse for their upstream deadline.
 #[derive(Debug)]
 pub(crate) struct Peer {
-    pub(crate) addr: SocketAddr,
+    addr: SocketAddr,
     ip_text: HeaderValue,
     deadline: Deadline,
 }

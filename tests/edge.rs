@@ -426,24 +426,20 @@ async fn a_slow_answer_is_not_cut_by_the_header_timeout_but_an_idle_connection_i
     let gateway = Gateway::start(&upstream, "limits:\n  header_read_timeout: 1s\n").await;
     let (_, secret) = gateway.create_simple_key("patient").await;
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
-    let request = |path: &str| {
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {secret}\r\n\r\n")
-    };
+    // One request on the connection, its whole answer read back.
+    async fn exchange(stream: &mut TcpStream, secret: &str, path: &str) -> String {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {secret}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        read_response(stream).await
+    }
     // The upstream takes longer than the header timeout: the request is in flight, not a
     // connection waiting for a head.
-    stream
-        .write_all(request("/v1/slow?ms=1500").as_bytes())
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream).await;
+    let answer = exchange(&mut stream, &secret, "/v1/slow?ms=1500").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // The same connection serves the next request sent within the timeout.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stream
-        .write_all(request("/v1/next").as_bytes())
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream).await;
+    let answer = exchange(&mut stream, &secret, "/v1/next").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Then, idle for longer than the timeout, it is closed.
     let idle = Instant::now();
