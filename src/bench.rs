@@ -35,7 +35,7 @@ impl HotPath {
         let Ok((key, _)) = self.gateway.authenticate(headers, client_ip, now).await else {
             return false;
         };
-        self.gateway.usage.record(&key.id, client_ip, now);
+        self.gateway.usage.record(&key.state, client_ip, now);
         matches!(self.gateway.rate_check(&key).await, Ok(v) if v.refused_by.is_none())
     }
 

@@ -12,6 +12,7 @@ use hyper::header::HeaderValue;
 
 use crate::config::CacheConfig;
 use crate::key::{KeyRecord, Status};
+use crate::key_state::KeyState;
 use crate::ratelimit::Limits;
 
 /// Unknown keys remembered at most: past this, a flood of random keys is not cached
@@ -19,10 +20,12 @@ use crate::ratelimit::Limits;
 const MAX_NEGATIVE_ENTRIES: usize = 1_000_000;
 
 /// A verified key: only what the hot path needs, already built (a cached key costs memory
-/// a million times over, so the rest of the record stays in the store).
+/// a million times over, so the rest of the record stays in the store). Built by
+/// [`KeyCache::build`].
 #[derive(Debug)]
 pub(crate) struct CachedKey {
-    pub(crate) id: Arc<str>,
+    /// The key's windows and pending use, shared with every other entry of the same key id.
+    pub(crate) state: Arc<KeyState>,
     revoked: bool,
     expires_at: Option<jiff::Timestamp>,
     pub(crate) limits: Limits,
@@ -32,21 +35,8 @@ pub(crate) struct CachedKey {
 }
 
 impl CachedKey {
-    pub(crate) fn new(record: KeyRecord, defaults: Limits) -> CachedKey {
-        let limits = record.limits(defaults);
-        let header = |text: String| {
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
-                .unwrap_or(HeaderValue::from_static(""))
-        };
-        CachedKey {
-            id: Arc::from(record.id.as_str()),
-            revoked: record.revoked_at.is_some(),
-            expires_at: record.expires_at,
-            policy: limits.policy_header(),
-            limits,
-            id_header: header(record.id),
-            owner_header: header(record.owner),
-        }
+    pub(crate) fn id(&self) -> &Arc<str> {
+        &self.state.id
     }
 
     /// The key's status now, as [`KeyRecord::status`] computes it.
@@ -55,10 +45,44 @@ impl CachedKey {
     }
 }
 
+/// A key id's `Arc` as the bytes of a header value.
+struct IdBytes(Arc<str>);
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// Header values many cached keys have in common, made once and shared: the
+/// `RateLimit-Policy` of the default limits, and each owner's `X-Keygate-Owner`. At a million
+/// keys each copy cost about 64 bytes a key (the text and, once cloned, its shared counter).
+#[derive(Debug)]
+struct Shared {
+    defaults: Limits,
+    default_policy: HeaderValue,
+    /// Grows with the owners of keys fetched, never with requests; not swept (an owner's
+    /// entry is a few dozen bytes).
+    owners: DashMap<Box<str>, HeaderValue, foldhash::fast::RandomState>,
+}
+
+impl Shared {
+    fn owner(&self, owner: &str) -> HeaderValue {
+        if let Some(value) = self.owners.get(owner) {
+            return value.clone();
+        }
+        let value = HeaderValue::from_str(owner).unwrap_or(HeaderValue::from_static(""));
+        // Cloned once here, so that its clones share one counter from now on.
+        self.owners.entry(owner.into()).or_insert(value).clone()
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     key: Option<Arc<CachedKey>>,
-    fetched: Instant,
+    /// [`KeyCache::now_ms`] when fetched: half of an `Instant`, in an entry kept a million
+    /// times over.
+    fetched: u64,
 }
 
 /// What the cache knows of a digest.
@@ -94,26 +118,68 @@ impl Hasher for DigestHasher {
 #[derive(Debug)]
 pub(crate) struct KeyCache {
     map: DashMap<[u8; 32], Entry, BuildHasherDefault<DigestHasher>>,
+    epoch: Instant,
+    shared: Shared,
     ttl: Duration,
     negative_ttl: Duration,
     stale_if_error: Duration,
 }
 
 impl KeyCache {
-    pub(crate) fn new(config: &CacheConfig) -> KeyCache {
+    /// `defaults`: the limits of keys without their own.
+    pub(crate) fn new(config: &CacheConfig, defaults: Limits) -> KeyCache {
         KeyCache {
             map: DashMap::with_hasher_and_shard_amount(Default::default(), crate::KEY_MAP_SHARDS),
+            epoch: Instant::now(),
+            shared: Shared {
+                defaults,
+                default_policy: defaults.policy_header(),
+                owners: DashMap::default(),
+            },
             ttl: config.ttl,
             negative_ttl: config.negative_ttl,
             stale_if_error: config.stale_if_error,
         }
     }
 
+    /// The cached form of a record; `state` is the key's, from
+    /// [`crate::key_state::KeyStates::of`].
+    pub(crate) fn build(&self, record: KeyRecord, state: Arc<KeyState>) -> CachedKey {
+        let shared = &self.shared;
+        let limits = record.limits(shared.defaults);
+        debug_assert_eq!(*state.id, *record.id);
+        // Over the state's own `Arc` of the id: no copy of the text, and clones count
+        // references without first allocating a counter as a `Bytes` made from a `String` does.
+        let id_header = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(IdBytes(
+            Arc::clone(&state.id),
+        )))
+        .unwrap_or(HeaderValue::from_static(""));
+        CachedKey {
+            state,
+            revoked: record.revoked_at.is_some(),
+            expires_at: record.expires_at,
+            policy: if limits == shared.defaults {
+                shared.default_policy.clone()
+            } else {
+                limits.policy_header()
+            },
+            limits,
+            id_header,
+            owner_header: shared.owner(&record.owner),
+        }
+    }
+
+    /// Milliseconds on the cache's clock. It starts 2^40 ms (35 years) in, so that "fetched a
+    /// `ttl` ago" can be written however young the process is.
+    fn now_ms(&self) -> u64 {
+        (1 << 40) + self.epoch.elapsed().as_millis() as u64
+    }
+
     pub(crate) fn get(&self, hash: &[u8; 32]) -> Lookup {
         let Some(entry) = self.map.get(hash) else {
             return Lookup::Miss;
         };
-        let age = entry.fetched.elapsed();
+        let age = Duration::from_millis(self.now_ms().saturating_sub(entry.fetched));
         match &entry.key {
             Some(key) if age < self.ttl => Lookup::Fresh(Some(Arc::clone(key))),
             Some(key) if age < self.ttl + self.stale_if_error => Lookup::Stale(Arc::clone(key)),
@@ -130,7 +196,7 @@ impl KeyCache {
             hash,
             Entry {
                 key,
-                fetched: Instant::now(),
+                fetched: self.now_ms(),
             },
         );
     }
@@ -149,10 +215,7 @@ impl KeyCache {
     /// missed, each key is asked of the store again on its next use (and still served while
     /// the store cannot answer, within `stale_if_error`).
     pub(crate) fn expire_all(&self) {
-        let Some(stale) = Instant::now().checked_sub(self.ttl) else {
-            self.map.clear();
-            return;
-        };
+        let stale = self.now_ms().saturating_sub(self.ttl.as_millis() as u64);
         self.map.retain(|_, e| {
             if e.key.is_none() {
                 return false;
@@ -165,9 +228,9 @@ impl KeyCache {
     /// Drops entries that can no longer be used.
     pub(crate) fn sweep(&self) {
         let (ttl, negative_ttl) = (self.ttl + self.stale_if_error, self.negative_ttl);
-        let now = Instant::now();
+        let now = self.now_ms();
         self.map.retain(|_, e| {
-            let age = now.saturating_duration_since(e.fetched);
+            let age = Duration::from_millis(now.saturating_sub(e.fetched));
             if e.key.is_some() {
                 age < ttl
             } else {

@@ -18,11 +18,10 @@ use crate::config::{AuthMode, Config, OnStoreError};
 use crate::credential::{self, CarriedBy, CredentialError};
 use crate::error_chain;
 use crate::key::Status;
+use crate::key_state::KeyStates;
 use crate::metrics::{Metrics, StoreOp};
 use crate::problem::{GatewayError, Outcome};
-use crate::ratelimit::{
-    FailedAuthLimiter, GlobalLimiter, Limits, LocalLimiter, RateHeaders, Verdict,
-};
+use crate::ratelimit::{FailedAuthLimiter, GlobalLimiter, Limits, RateHeaders, Verdict};
 use crate::store::{Store, StoreError, StoreHealth};
 use crate::upstream::{self, Deadline, PooledBody, Route, Router};
 use crate::usage::UsageRecorder;
@@ -45,8 +44,9 @@ pub(crate) struct Gateway {
     /// Whether the store answered lately; requests do not wait on a store known to be down.
     pub(crate) health: StoreHealth,
     pub(crate) cache: KeyCache,
-    /// Per-instance limits: `scope: local`, or the fallback of `scope: global`.
-    pub(crate) limiter: LocalLimiter,
+    /// Each key's per-instance windows (`scope: local`, or the fallback of `scope: global`)
+    /// and pending use, which its cache entries point to.
+    pub(crate) states: KeyStates,
     /// `scope: global` on the Redis store.
     pub(crate) global: Option<GlobalLimiter>,
     pub(crate) failed_auth: FailedAuthLimiter,
@@ -99,20 +99,21 @@ impl Gateway {
     ) -> Result<Gateway, String> {
         let router = Router::new(&config.routes)?;
         let metrics = Metrics::new(&router.names());
+        let defaults = Limits {
+            per_minute: config.rate_limit.per_minute,
+            per_second: config.rate_limit.per_second,
+        };
         Ok(Gateway {
             router,
             store,
             health: StoreHealth::default(),
-            cache: KeyCache::new(&config.cache),
-            limiter: LocalLimiter::new(),
+            cache: KeyCache::new(&config.cache, defaults),
+            states: KeyStates::new(),
             global,
             failed_auth: FailedAuthLimiter::new(config.limits.failed_auth_per_minute_per_ip),
             usage: Arc::default(),
             metrics,
-            defaults: Limits {
-                per_minute: config.rate_limit.per_minute,
-                per_second: config.rate_limit.per_second,
-            },
+            defaults,
             config,
         })
     }
@@ -122,7 +123,7 @@ impl Gateway {
     pub(crate) fn sweep(&self) {
         self.cache.sweep();
         self.router.sweep();
-        self.limiter.sweep();
+        self.states.sweep();
         if let Some(global) = &self.global {
             global.sweep();
         }
@@ -166,16 +167,16 @@ impl Gateway {
         match &error {
             Some(e) if response.status().is_server_error() => tracing::warn!(
                 target: "keygate::access",
-                route = %route, method = %method, status = response.status().as_u16(),
-                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %client_ip,
+                route, method = method.as_str(), status = response.status().as_u16(),
+                outcome = outcome.as_str(), key_id, client_ip,
                 latency_us = elapsed.as_micros() as u64,
                 cause = %error_chain(e),
                 "request"
             ),
             _ => tracing::info!(
                 target: "keygate::access",
-                route = %route, method = %method, status = response.status().as_u16(),
-                outcome = %outcome.as_str(), key_id = %key_id, client_ip = %client_ip,
+                route, method = method.as_str(), status = response.status().as_u16(),
+                outcome = outcome.as_str(), key_id, client_ip,
                 latency_us = elapsed.as_micros() as u64,
                 "request"
             ),
@@ -210,7 +211,7 @@ impl Gateway {
                 let (key, carried) = self
                     .authenticate(req.headers(), trace.client_ip, now)
                     .await?;
-                trace.key_id = Some(Arc::clone(&key.id));
+                trace.key_id = Some(Arc::clone(key.id()));
                 (Some(key), Some(carried))
             }
         };
@@ -218,12 +219,12 @@ impl Gateway {
         let rate = match &key {
             Some(key) => {
                 // A rate-limited request is a use of the key too (SPEC §3 Usage).
-                self.usage.record(&key.id, trace.client_ip, now);
+                self.usage.record(&key.state, trace.client_ip, now);
                 let verdict = self.rate_check(key).await?;
                 let headers = RateHeaders::new(key.policy.clone(), key.limits, &verdict);
                 if let Some(window) = verdict.refused_by {
                     self.metrics.rate_limited(window);
-                    self.usage.note_rate_limited(&key.id, window);
+                    self.usage.note_rate_limited(key.id(), window);
                     return Err(GatewayError::RateLimited {
                         limit: window,
                         retry_after: verdict.retry_after_secs,
@@ -320,7 +321,10 @@ impl Gateway {
         };
         match result {
             Ok(record) => {
-                let key = record.map(|r| Arc::new(CachedKey::new(r, self.defaults)));
+                let key = record.map(|r| {
+                    let state = self.states.of(&r.id);
+                    Arc::new(self.cache.build(r, state))
+                });
                 self.cache.insert(*hash, key.clone());
                 Ok(key)
             }
@@ -331,7 +335,7 @@ impl Gateway {
                 }
                 match stale {
                     Some(key) => {
-                        tracing::debug!(key_id = %key.id, "store unreachable: serving cached key");
+                        tracing::debug!(key_id = %key.id(), "store unreachable: serving cached key");
                         Ok(Some(key))
                     }
                     None => Err(GatewayError::StoreUnavailable(e)),
@@ -344,11 +348,11 @@ impl Gateway {
     /// up, else by `on_store_error` (this instance's limits, or 503).
     pub(crate) async fn rate_check(&self, key: &CachedKey) -> Result<Verdict, GatewayError> {
         if let Some(global) = &self.global {
-            if let Some(verdict) = global.remembered_refusal(&key.id) {
+            if let Some(verdict) = global.remembered_refusal(key.id()) {
                 return Ok(verdict);
             }
             if self.health.is_up() {
-                match global.check(&key.id, key.limits).await {
+                match global.check(key.id(), key.limits).await {
                     Ok(verdict) => return Ok(verdict),
                     Err(e) => {
                         self.metrics.store_error(StoreOp::RateLimit);
@@ -360,7 +364,7 @@ impl Gateway {
                 return Err(GatewayError::LimitsUnavailable);
             }
         }
-        Ok(self.limiter.check(&key.id, key.limits))
+        Ok(key.state.check(key.limits, self.states.now_us()))
     }
 
     async fn forward(

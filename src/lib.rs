@@ -7,8 +7,9 @@
 //! - [`credential`]: extracting a secret from headers, its shape and checksum; no I/O.
 //! - [`key`]: the key model, status rules, and input validation; no I/O.
 //! - `cache`: the in-process cache of verified (and unknown) keys in front of the store.
+//! - `key_state`: each key's per-instance rate-limit windows and pending use, one per key.
 //! - [`store`]: the store trait and its backends; the only place with SQL for keys.
-//! - [`ratelimit`]: the pure sliding-window decision and the per-instance limiter.
+//! - [`ratelimit`]: the pure sliding-window decision, rate-limit headers, the Redis limiter.
 //! - `upstream`: routing, header rewriting and the pooled upstream client.
 //! - `usage`: batched last-used writes, never awaited inside a request.
 //! - `problem`: the one table from refusal to status, problem `code` and headers.
@@ -32,13 +33,13 @@ pub mod tls;
 mod admin;
 mod cache;
 mod gateway;
+mod key_state;
 mod metrics;
 mod problem;
 mod upstream;
 mod usage;
 
-/// Shards of the maps that hold an entry per key in use (cache, limiter windows, pending
-/// usage). The sweep write-locks one shard at a time while the event loop may need it: with a
+/// Shards of the maps that hold an entry per key in use (cache, key states). The sweep write-locks one shard at a time while the event loop may need it: with a
 /// million keys and dashmap's default (4 × CPUs, so 8 here) each hold lasted about 10 ms.
 /// 1,024 shards hold about 1,000 keys each at that scale, for 128 KB per map. Measured with
 /// `benches/load.rs --big 1000000`: p99 at a million keys went from 23–74 ms to 15–43 ms;

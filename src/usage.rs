@@ -1,13 +1,15 @@
 //! Last-used time and IP of keys, and audit events raised by the data plane, written to the
 //! store in batches every `usage.flush_interval`: a request only touches memory.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use jiff::Timestamp;
 
+use crate::key_state::KeyState;
 use crate::ratelimit::Window;
 use crate::store::{AuditEvent, AuditKind, Store, StoreError, UsageRecord};
 
@@ -16,7 +18,12 @@ const RATE_LIMITED_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub(crate) struct UsageRecorder {
-    pending: DashMap<Arc<str>, (Timestamp, IpAddr), foldhash::fast::RandomState>,
+    /// Keys with a use not yet taken, each once: the use itself is in the key's state, so a
+    /// request only writes there, and puts the key here on its first use after a flush.
+    pending: Mutex<Vec<Arc<KeyState>>>,
+    /// Uses a store refused, the latest per key, written again with the next flush (however
+    /// long the store stays away, one per key).
+    refused: Mutex<HashMap<Arc<str>, (Timestamp, IpAddr)>>,
     audit: Mutex<Vec<AuditEvent>>,
     rate_limited_noted: DashMap<Arc<str>, Instant>,
 }
@@ -24,24 +31,23 @@ pub(crate) struct UsageRecorder {
 impl Default for UsageRecorder {
     fn default() -> UsageRecorder {
         UsageRecorder {
-            pending: DashMap::with_hasher_and_shard_amount(
-                Default::default(),
-                crate::KEY_MAP_SHARDS,
-            ),
+            pending: Mutex::default(),
+            refused: Mutex::default(),
             audit: Mutex::default(),
             rate_limited_noted: DashMap::new(),
         }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl UsageRecorder {
     /// Notes a use of a key; the latest use wins.
-    pub(crate) fn record(&self, key: &Arc<str>, ip: IpAddr, now: Timestamp) {
-        match self.pending.get_mut(key) {
-            Some(mut entry) => *entry = (now, ip),
-            None => {
-                self.pending.insert(Arc::clone(key), (now, ip));
-            }
+    pub(crate) fn record(&self, key: &Arc<KeyState>, ip: IpAddr, now: Timestamp) {
+        if key.note_use(now, ip) {
+            lock(&self.pending).push(Arc::clone(key));
         }
     }
 
@@ -64,29 +70,32 @@ impl UsageRecorder {
 
     /// Forgets pending uses unwritten (benchmarks only: a flush without a store).
     pub(crate) fn discard_pending(&self) -> usize {
-        let n = self.pending.len();
-        self.pending.clear();
-        n
+        let mut batch = Vec::new();
+        self.take_pending(&mut batch);
+        batch.len()
     }
 
     pub(crate) fn push_audit(&self, event: AuditEvent) {
-        self.audit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(event);
+        lock(&self.audit).push(event);
     }
 
-    /// Moves the pending uses into `batch`, as records for the store. One pass of `retain`
-    /// over the shards: no lookup per key.
+    /// Moves the pending uses into `batch`, as records for the store: first those a store
+    /// refused, then the newer ones.
     fn take_pending(&self, batch: &mut Vec<UsageRecord>) {
-        self.pending.retain(|key, (at, ip)| {
-            batch.push(UsageRecord {
-                key_id: Arc::clone(key),
-                at: *at,
-                ip: *ip,
-            });
-            false
-        });
+        batch.extend(
+            lock(&self.refused)
+                .drain()
+                .map(|(key_id, (at, ip))| UsageRecord { key_id, at, ip }),
+        );
+        let keys = std::mem::take(&mut *lock(&self.pending));
+        batch.extend(keys.iter().filter_map(|key| {
+            let (at, ip) = key.take_use()?;
+            Some(UsageRecord {
+                key_id: Arc::clone(&key.id),
+                at,
+                ip,
+            })
+        }));
     }
 
     /// Writes everything pending. What the store refuses stays pending for the next flush.
@@ -99,7 +108,8 @@ impl UsageRecorder {
         // RSS at 1M keys by ~300 MB when the key ids were copied there.
         let recorder = Arc::clone(self);
         // Room for uses that come in meanwhile, so the vector is not regrown over there.
-        let mut batch = Vec::with_capacity(self.pending.len() * 5 / 4 + 64);
+        let waiting = lock(&self.pending).len() + lock(&self.refused).len();
+        let mut batch = Vec::with_capacity(waiting * 5 / 4 + 64);
         let batch: Arc<[UsageRecord]> = tokio::task::spawn_blocking(move || {
             recorder.take_pending(&mut batch);
             batch
@@ -107,7 +117,7 @@ impl UsageRecorder {
         .await
         .map_err(|e| StoreError::Unavailable(e.into()))?
         .into();
-        let events = std::mem::take(&mut *self.audit.lock().unwrap_or_else(|p| p.into_inner()));
+        let events = std::mem::take(&mut *lock(&self.audit));
         self.rate_limited_noted
             .retain(|_, at| at.elapsed() < RATE_LIMITED_AUDIT_EVERY);
 
@@ -116,14 +126,14 @@ impl UsageRecorder {
             let written = store.record_usage(Arc::clone(&batch)).await;
             tracing::debug!(records = batch.len(), ok = written.is_ok(), "usage flush");
             if let Err(e) = written {
-                for record in batch.iter() {
-                    // Keep what came in meanwhile if it is newer.
-                    let (at, ip) = (record.at, record.ip);
-                    self.pending
-                        .entry(Arc::clone(&record.key_id))
-                        .and_modify(|v| {
-                            if v.0 < at {
-                                *v = (at, ip)
+                let mut refused = lock(&self.refused);
+                for r in batch.iter() {
+                    let (at, ip) = (r.at, r.ip);
+                    refused
+                        .entry(Arc::clone(&r.key_id))
+                        .and_modify(|seen| {
+                            if seen.0 <= at {
+                                *seen = (at, ip)
                             }
                         })
                         .or_insert((at, ip));
@@ -134,7 +144,7 @@ impl UsageRecorder {
         if !events.is_empty()
             && let Err(e) = store.append_audit(&events).await
         {
-            let mut audit = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+            let mut audit = lock(&self.audit);
             let newer = std::mem::replace(&mut *audit, events);
             audit.extend(newer);
             result = result.and(Err(e));
@@ -155,8 +165,9 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let keys = crate::bench::keys(3, "kg_");
         crate::bench::import(&store, &keys);
-        let id = |i: usize| -> Arc<str> { keys[i].1.id.as_str().into() };
-        let (a, b, c) = (id(0), id(1), id(2));
+        let states = crate::key_state::KeyStates::new();
+        let key = |i: usize| states.of(&keys[i].1.id);
+        let (a, b, c) = (key(0), key(1), key(2));
         // A real failure of the store: the table uses go to is gone.
         let other = rusqlite::Connection::open(&path).unwrap();
         other
@@ -170,6 +181,10 @@ mod tests {
         usage.record(&a, "192.0.2.1".parse().unwrap(), at(1));
         usage.record(&c, "192.0.2.3".parse().unwrap(), at(2));
         assert!(usage.flush(&store).await.is_err());
+        // Refused again: still one use per key waiting, not one per failed flush.
+        usage.record(&c, "192.0.2.3".parse().unwrap(), at(2));
+        assert!(usage.flush(&store).await.is_err());
+        assert_eq!(lock(&usage.refused).len(), 2);
         usage.record(&b, "192.0.2.2".parse().unwrap(), at(3));
         // A later use of a key whose use was refused is the one written.
         usage.record(&c, "192.0.2.4".parse().unwrap(), at(4));
@@ -178,15 +193,16 @@ mod tests {
             .unwrap();
         usage.flush(&store).await.unwrap();
 
-        for (id, ip, when) in [
+        for (state, ip, when) in [
             (&a, "192.0.2.1", at(1)),
             (&b, "192.0.2.2", at(3)),
             (&c, "192.0.2.4", at(4)),
         ] {
+            let id = &state.id;
             let key = store.key_by_id(id).await.unwrap().unwrap();
             assert_eq!(key.last_used_ip, Some(ip.parse().unwrap()), "{id}");
             assert_eq!(key.last_used_at, Some(when), "{id}");
         }
-        assert_eq!(usage.pending.len(), 0);
+        assert!(lock(&usage.pending).is_empty() && lock(&usage.refused).is_empty());
     }
 }

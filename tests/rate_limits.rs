@@ -115,6 +115,17 @@ async fn a_key_with_its_own_limits_follows_them() {
     tokio::time::sleep(Duration::from_millis(1050)).await;
     let (headers, _) = gw.refused("/", &secret, 429, "rate_limited").await;
     assert!((57..=61).contains(&retry_after(&headers)), "{headers:?}");
+    // An edit makes the gateway fetch the key again; its windows stay as they were.
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/v1/keys/{}", key_id(&key)),
+            Some(json!({"description": "edited while limited"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (headers, _) = gw.refused("/", &secret, 429, "rate_limited").await;
+    assert!((56..=61).contains(&retry_after(&headers)), "{headers:?}");
     // Another key with the defaults is unaffected.
     for _ in 0..5 {
         assert_eq!(gw.call_with_key("/", &default_secret).await.status(), 200);

@@ -7,7 +7,8 @@
 //! date formatted once a second, and integers by `itoa`.
 //!
 //! Text: `2026-12-02T00:57:35.123456Z  INFO keygate::access: request route=api status=200 …`,
-//! values as their `Display` (or `Debug` when logged with `?`). JSON: one object per line,
+//! values as their `Display` (or `Debug` when logged with `?`), a `&str` value in quotes only
+//! when it needs them, as logfmt reads them. JSON: one object per line,
 //! `timestamp`, `level`, the event's fields (`message` among them), then `target`. Either way
 //! a control character in a value is escaped, so no value can start a line of its own.
 
@@ -187,9 +188,15 @@ impl Fields<'_> {
 }
 
 impl Visit for Fields<'_> {
-    /// Quoted in text too, as `tracing-subscriber` writes a `&str` field.
+    /// In text, quoted only when it would not read as one value otherwise (empty, or with
+    /// a space, `"`, `=`, `\` or a control character), as logfmt does. Passing `&str` rather
+    /// than `%value` spares the access line `core::fmt` for each of its five text fields.
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.text(field, true, |w| w.write_str(value));
+        let bare = !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b > b' ' && b != b'"' && b != b'=' && b != b'\\' && b != 0x7f);
+        self.text(field, !bare, |w| w.write_str(value));
     }
 
     /// `%value` (Display) and `?value` (Debug) fields, and the message.
@@ -280,8 +287,8 @@ mod tests {
         let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
         tracing::info!(
             target: "keygate::access",
-            route = %"api", method = %"GET", status = 200u16, outcome = %"forwarded",
-            key_id = %"key_1", client_ip = %ip, latency_us = 512u64,
+            route = "api", method = "GET", status = 200u16, outcome = "forwarded",
+            key_id = "key_1", client_ip = %ip, latency_us = 512u64,
             "request"
         );
     }
@@ -289,11 +296,13 @@ mod tests {
     const HOSTILE: &str = "bad \"thing\" \\ next\nFAKE  INFO line\r\t\u{1b}[31m";
 
     #[test]
-    fn text_lines_read_as_tracing_subscriber_writes_them() {
+    fn text_lines_are_logfmt() {
         let lines = lines(LogFormat::Text, || {
             access_line();
             tracing::warn!(
                 plain = "a b",
+                bare = "b",
+                empty = "",
                 ok = true,
                 neg = -3i64,
                 ratio = 0.5f64,
@@ -317,7 +326,7 @@ mod tests {
         );
         assert!(
             lines[1].ends_with(
-                "  WARN keygate::logging::format::tests: flush failed plain=\"a b\" ok=true neg=-3 ratio=0.5"
+                "  WARN keygate::logging::format::tests: flush failed plain=\"a b\" bare=b empty=\"\" ok=true neg=-3 ratio=0.5"
             ),
             "{}",
             lines[1]

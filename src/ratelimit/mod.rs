@@ -16,10 +16,9 @@ mod failed_auth;
 mod global;
 mod window;
 
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::sync::LazyLock;
+use std::time::Duration;
 
-use dashmap::DashMap;
 use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 
@@ -60,47 +59,6 @@ impl Window {
             Window::Minute => "minute",
             Window::Second => "second",
         }
-    }
-}
-
-/// This instance's memory of every key's windows.
-#[derive(Debug)]
-pub(crate) struct LocalLimiter {
-    windows: DashMap<Arc<str>, KeyWindows, foldhash::fast::RandomState>,
-    epoch: Instant,
-}
-
-impl LocalLimiter {
-    pub(crate) fn new() -> LocalLimiter {
-        LocalLimiter {
-            windows: DashMap::with_hasher_and_shard_amount(
-                Default::default(),
-                crate::KEY_MAP_SHARDS,
-            ),
-            epoch: Instant::now(),
-        }
-    }
-
-    fn now_us(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
-    }
-
-    /// Decides one request of `key` and counts it when allowed.
-    pub(crate) fn check(&self, key: &Arc<str>, limits: Limits) -> Verdict {
-        let now = self.now_us();
-        // The shard lock is held only for this pure decision; nothing awaits under it. A key
-        // seen before is found by its text, without touching the count of its shared `Arc`.
-        if let Some(mut windows) = self.windows.get_mut(&**key) {
-            return decide(&mut windows, limits, now);
-        }
-        let mut windows = self.windows.entry(Arc::clone(key)).or_default();
-        decide(&mut windows, limits, now)
-    }
-
-    /// Forgets keys with nothing left in their windows.
-    pub(crate) fn sweep(&self) {
-        let now = self.now_us();
-        self.windows.retain(|_, w| !w.is_idle(now));
     }
 }
 

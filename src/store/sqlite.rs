@@ -89,17 +89,18 @@ pub struct SqliteStore {
 
 #[derive(Debug, Default)]
 struct Unfolded {
-    latest: HashMap<String, (i64, IpAddr)>,
+    /// By the gateway's own `Arc` of each key id: noting a use copies no text.
+    latest: HashMap<Arc<str>, (i64, IpAddr), foldhash::fast::RandomState>,
     log_rows: usize,
 }
 
 impl Unfolded {
-    fn note(&mut self, key_id: &str, at: i64, ip: IpAddr) {
-        match self.latest.get_mut(key_id) {
+    fn note(&mut self, key_id: &Arc<str>, at: i64, ip: IpAddr) {
+        match self.latest.get_mut(&**key_id) {
             Some(seen) if seen.0 > at => {}
             Some(seen) => *seen = (at, ip),
             None => {
-                self.latest.insert(key_id.to_string(), (at, ip));
+                self.latest.insert(Arc::clone(key_id), (at, ip));
             }
         }
         self.log_rows += 1;
@@ -107,7 +108,7 @@ impl Unfolded {
 
     /// Applies a newer unfolded use to a record read from the tables.
     fn patch(&self, key: &mut KeyRecord) {
-        if let Some(&(at, ip)) = self.latest.get(&key.id)
+        if let Some(&(at, ip)) = self.latest.get(key.id.as_str())
             && key
                 .last_used_at
                 .is_none_or(|seen| seen.as_millisecond() <= at)
