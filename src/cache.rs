@@ -28,9 +28,20 @@ pub(crate) struct CachedKey {
     pub(crate) state: Arc<KeyState>,
     revoked: bool,
     expires_at: Option<jiff::Timestamp>,
-    pub(crate) limits: Limits,
-    pub(crate) policy: HeaderValue,
     pub(crate) id_header: HeaderValue,
+    /// What the key has in common with every key of the same owner and limits.
+    pub(crate) profile: Arc<Profile>,
+}
+
+/// An owner and limits, with their header values, made once and shared by the cached keys
+/// that have them: at a million keys, 80 bytes a key kept once per owner instead (the header
+/// texts too, and their shared counters).
+#[derive(Debug)]
+pub(crate) struct Profile {
+    pub(crate) limits: Limits,
+    /// `RateLimit-Policy`.
+    pub(crate) policy: HeaderValue,
+    /// `X-Keygate-Owner`.
     pub(crate) owner_header: HeaderValue,
 }
 
@@ -54,28 +65,9 @@ impl AsRef<[u8]> for IdBytes {
     }
 }
 
-/// Header values many cached keys have in common, made once and shared: the
-/// `RateLimit-Policy` of the default limits, and each owner's `X-Keygate-Owner`. At a million
-/// keys each copy cost about 64 bytes a key (the text and, once cloned, its shared counter).
-#[derive(Debug)]
-struct Shared {
-    defaults: Limits,
-    default_policy: HeaderValue,
-    /// Grows with the owners of keys fetched, never with requests; not swept (an owner's
-    /// entry is a few dozen bytes).
-    owners: DashMap<Box<str>, HeaderValue, foldhash::fast::RandomState>,
-}
-
-impl Shared {
-    fn owner(&self, owner: &str) -> HeaderValue {
-        if let Some(value) = self.owners.get(owner) {
-            return value.clone();
-        }
-        let value = HeaderValue::from_str(owner).unwrap_or(HeaderValue::from_static(""));
-        // Cloned once here, so that its clones share one counter from now on.
-        self.owners.entry(owner.into()).or_insert(value).clone()
-    }
-}
+/// The [`Profile`]s of cached keys. Grows with the owners and limits of keys fetched, never
+/// with requests; not swept (a profile is a few dozen bytes).
+type Profiles = DashMap<(Box<str>, Limits), Arc<Profile>, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 struct Entry {
@@ -119,7 +111,8 @@ impl Hasher for DigestHasher {
 pub(crate) struct KeyCache {
     map: DashMap<[u8; 32], Entry, BuildHasherDefault<DigestHasher>>,
     epoch: Instant,
-    shared: Shared,
+    defaults: Limits,
+    profiles: Profiles,
     ttl: Duration,
     negative_ttl: Duration,
     stale_if_error: Duration,
@@ -131,11 +124,8 @@ impl KeyCache {
         KeyCache {
             map: DashMap::with_hasher_and_shard_amount(Default::default(), crate::KEY_MAP_SHARDS),
             epoch: Instant::now(),
-            shared: Shared {
-                defaults,
-                default_policy: defaults.policy_header(),
-                owners: DashMap::default(),
-            },
+            defaults,
+            profiles: DashMap::default(),
             ttl: config.ttl,
             negative_ttl: config.negative_ttl,
             stale_if_error: config.stale_if_error,
@@ -145,9 +135,8 @@ impl KeyCache {
     /// The cached form of a record; `state` is the key's, from
     /// [`crate::key_state::KeyStates::of`].
     pub(crate) fn build(&self, record: KeyRecord, state: Arc<KeyState>) -> CachedKey {
-        let shared = &self.shared;
-        let limits = record.limits(shared.defaults);
         debug_assert_eq!(*state.id, *record.id);
+        let limits = record.limits(self.defaults);
         // Over the state's own `Arc` of the id: no copy of the text, and clones count
         // references without first allocating a counter as a `Bytes` made from a `String` does.
         let id_header = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(IdBytes(
@@ -158,15 +147,22 @@ impl KeyCache {
             state,
             revoked: record.revoked_at.is_some(),
             expires_at: record.expires_at,
-            policy: if limits == shared.defaults {
-                shared.default_policy.clone()
-            } else {
-                limits.policy_header()
-            },
-            limits,
             id_header,
-            owner_header: shared.owner(&record.owner),
+            profile: self.profile(record.owner, limits),
         }
+    }
+
+    fn profile(&self, owner: String, limits: Limits) -> Arc<Profile> {
+        let key = (owner.into_boxed_str(), limits);
+        if let Some(profile) = self.profiles.get(&key) {
+            return Arc::clone(&profile);
+        }
+        let profile = Arc::new(Profile {
+            limits,
+            policy: limits.policy_header(),
+            owner_header: HeaderValue::from_str(&key.0).unwrap_or(HeaderValue::from_static("")),
+        });
+        Arc::clone(&self.profiles.entry(key).or_insert(profile))
     }
 
     /// Milliseconds on the cache's clock. It starts 2^40 ms (35 years) in, so that "fetched a

@@ -221,7 +221,8 @@ impl Gateway {
                 // A rate-limited request is a use of the key too (SPEC §3 Usage).
                 self.usage.record(&key.state, trace.client_ip, now);
                 let verdict = self.rate_check(key).await?;
-                let headers = RateHeaders::new(key.policy.clone(), key.limits, &verdict);
+                let headers =
+                    RateHeaders::new(key.profile.policy.clone(), key.profile.limits, &verdict);
                 if let Some(window) = verdict.refused_by {
                     self.metrics.rate_limited(window);
                     self.usage.note_rate_limited(key.id(), window);
@@ -352,7 +353,7 @@ impl Gateway {
                 return Ok(verdict);
             }
             if self.health.is_up() {
-                match global.check(key.id(), key.limits).await {
+                match global.check(key.id(), key.profile.limits).await {
                     Ok(verdict) => return Ok(verdict),
                     Err(e) => {
                         self.metrics.store_error(StoreOp::RateLimit);
@@ -364,7 +365,7 @@ impl Gateway {
                 return Err(GatewayError::LimitsUnavailable);
             }
         }
-        Ok(key.state.check(key.limits, self.states.now_us()))
+        Ok(key.state.check(key.profile.limits, self.states.now_us()))
     }
 
     async fn forward(
@@ -488,7 +489,7 @@ impl Gateway {
         }
         if let Some(key) = key {
             headers.insert(X_KEYGATE_KEY_ID.clone(), key.id_header.clone());
-            headers.insert(X_KEYGATE_OWNER.clone(), key.owner_header.clone());
+            headers.insert(X_KEYGATE_OWNER.clone(), key.profile.owner_header.clone());
         }
     }
 

@@ -29,7 +29,7 @@ pub use global::decide_in_redis;
 pub use window::{KeyWindows, Verdict, decide};
 
 /// The two limits that apply to a key together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limits {
     pub per_minute: u32,
     pub per_second: u32,
