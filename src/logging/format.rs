@@ -190,13 +190,24 @@ impl Fields<'_> {
 impl Visit for Fields<'_> {
     /// In text, quoted only when it would not read as one value otherwise (empty, or with
     /// a space, `"`, `=`, `\` or a control character), as logfmt does. Passing `&str` rather
-    /// than `%value` spares the access line `core::fmt` for each of its five text fields.
+    /// than `%value` spares the access line `core::fmt` for each of its five text fields, and a
+    /// value with nothing to escape is copied whole after one scan.
     fn record_str(&mut self, field: &Field, value: &str) {
-        let bare = !value.is_empty()
-            && value
-                .bytes()
-                .all(|b| b > b' ' && b != b'"' && b != b'=' && b != b'\\' && b != 0x7f);
-        self.text(field, !bare, |w| w.write_str(value));
+        if value.is_empty() || value.bytes().any(|b| SPECIAL[usize::from(b)]) {
+            self.text(field, true, |w| w.write_str(value));
+            return;
+        }
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.name(field);
+        if self.json {
+            self.w.push('"');
+            self.w.push_str(value);
+            self.w.push('"');
+        } else {
+            self.w.push_str(value);
+        }
     }
 
     /// `%value` (Display) and `?value` (Debug) fields, and the message.
@@ -225,6 +236,18 @@ impl Visit for Fields<'_> {
         }
     }
 }
+
+/// The bytes that end a plain logfmt word: space and control characters, `"`, `=`, `\` and
+/// DEL. A text value without them needs neither quotes nor escapes, in text or in JSON.
+const SPECIAL: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = b <= 0x20 || b == 0x22 || b == 0x3d || b == 0x5c || b == 0x7f;
+        b += 1;
+    }
+    table
+};
 
 /// `"…"`, with what `write` writes escaped for its place within quotes.
 fn write_quoted(
@@ -352,7 +375,7 @@ mod tests {
     fn json_lines_are_objects_with_typed_fields() {
         let lines = lines(LogFormat::Json, || {
             access_line();
-            tracing::warn!(cause = %HOSTILE, debug = ?"x", neg = -3i64, ok = true, nan = f64::NAN, "upstream said");
+            tracing::warn!(cause = %HOSTILE, text = HOSTILE, debug = ?"x", neg = -3i64, ok = true, nan = f64::NAN, "upstream said");
         });
         assert_eq!(lines.len(), 2, "{lines:?}");
         let access: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
@@ -369,6 +392,7 @@ mod tests {
         assert!((jiff::Timestamp::now() - at).get_seconds().abs() < 5);
         let warn: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
         assert_eq!(warn["cause"], HOSTILE, "a string comes back as it was");
+        assert_eq!(warn["text"], HOSTILE, "a &str too");
         assert_eq!(warn["debug"], "\"x\"");
         assert_eq!(warn["neg"], -3);
         assert_eq!(warn["ok"], true);
