@@ -16,7 +16,7 @@ use crate::store::{AuditEvent, AuditKind, Store, StoreError, UsageRecord};
 /// A key's `rate_limited` audit event is written at most once per this period.
 const RATE_LIMITED_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct UsageRecorder {
     /// Keys with a use not yet taken, each once: the use itself is in the key's state, so a
     /// request only writes there, and puts the key here on its first use after a flush.
@@ -26,17 +26,6 @@ pub(crate) struct UsageRecorder {
     refused: Mutex<HashMap<Arc<str>, (Timestamp, IpAddr)>>,
     audit: Mutex<Vec<AuditEvent>>,
     rate_limited_noted: DashMap<Arc<str>, Instant>,
-}
-
-impl Default for UsageRecorder {
-    fn default() -> UsageRecorder {
-        UsageRecorder {
-            pending: Mutex::default(),
-            refused: Mutex::default(),
-            audit: Mutex::default(),
-            rate_limited_noted: DashMap::new(),
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
