@@ -41,6 +41,8 @@ pub(crate) struct Profile {
     pub(crate) limits: Limits,
     /// `RateLimit-Policy`.
     pub(crate) policy: HeaderValue,
+    /// `X-RateLimit-Limit`.
+    pub(crate) limit_header: HeaderValue,
     /// `X-Keygate-Owner`.
     pub(crate) owner_header: HeaderValue,
 }
@@ -160,6 +162,7 @@ impl KeyCache {
         let profile = Arc::new(Profile {
             limits,
             policy: limits.policy_header(),
+            limit_header: limits.limit_header(),
             owner_header: HeaderValue::from_str(&key.0).unwrap_or(HeaderValue::from_static("")),
         });
         Arc::clone(&self.profiles.entry(key).or_insert(profile))

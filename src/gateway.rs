@@ -221,8 +221,12 @@ impl Gateway {
                 // A rate-limited request is a use of the key too (SPEC §3 Usage).
                 self.usage.record(&key.state, trace.client_ip, now);
                 let verdict = self.rate_check(key).await?;
-                let headers =
-                    RateHeaders::new(key.profile.policy.clone(), key.profile.limits, &verdict);
+                let profile = &key.profile;
+                let headers = RateHeaders::new(
+                    profile.policy.clone(),
+                    profile.limit_header.clone(),
+                    &verdict,
+                );
                 if let Some(window) = verdict.refused_by {
                     self.metrics.rate_limited(window);
                     self.usage.note_rate_limited(key.id(), window);

@@ -105,6 +105,7 @@ async fn a_key_with_its_own_limits_follows_them() {
         first.headers()["ratelimit-policy"],
         "\"minute\";q=4;w=60, \"second\";q=2;w=1"
     );
+    assert_eq!(first.headers()["x-ratelimit-limit"], "4");
     assert_eq!(first.headers()["x-ratelimit-remaining"], "3");
     assert_eq!(gw.call_with_key("/", &secret).await.status(), 200);
     let (headers, _) = gw.refused("/", &secret, 429, "rate_limited").await;

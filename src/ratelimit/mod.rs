@@ -44,6 +44,11 @@ impl Limits {
         ))
         .expect("digits and ASCII punctuation")
     }
+
+    /// The `X-RateLimit-Limit` header value for these limits.
+    pub(crate) fn limit_header(self) -> HeaderValue {
+        number(self.per_minute.into())
+    }
 }
 
 /// Which of the two windows refused a request.
@@ -67,7 +72,9 @@ impl Window {
 #[derive(Debug, Clone)]
 pub(crate) struct RateHeaders {
     policy: HeaderValue,
-    limit: u32,
+    /// `X-RateLimit-Limit`, made once per limits (a number past the table of [`number`]
+    /// would be written again for every answer).
+    limit: HeaderValue,
     remaining: u32,
     reset: u64,
 }
@@ -79,10 +86,11 @@ static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-
 static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 impl RateHeaders {
-    pub(crate) fn new(policy: HeaderValue, limits: Limits, verdict: &Verdict) -> RateHeaders {
+    /// `policy` and `limit` from [`Limits::policy_header`] and [`Limits::limit_header`].
+    pub(crate) fn new(policy: HeaderValue, limit: HeaderValue, verdict: &Verdict) -> RateHeaders {
         RateHeaders {
             policy,
-            limit: limits.per_minute,
+            limit,
             remaining: verdict.remaining,
             reset: verdict.reset_secs,
         }
@@ -103,7 +111,7 @@ impl RateHeaders {
             RATELIMIT.clone(),
             HeaderValue::try_from(ratelimit).expect("ASCII"),
         );
-        headers.insert(X_RATELIMIT_LIMIT.clone(), number(self.limit.into()));
+        headers.insert(X_RATELIMIT_LIMIT.clone(), self.limit.clone());
         headers.insert(X_RATELIMIT_REMAINING.clone(), number(self.remaining.into()));
         headers.insert(X_RATELIMIT_RESET.clone(), number(self.reset));
     }
@@ -116,7 +124,7 @@ impl RateHeaders {
         };
         RateHeaders {
             policy: limits.policy_header(),
-            limit: 100,
+            limit: limits.limit_header(),
             remaining: 0,
             reset: 50,
         }
