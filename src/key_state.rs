@@ -12,7 +12,7 @@
 //! first use after every flush.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -45,19 +45,15 @@ impl KeyState {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Decides one request at `now_us` ([`KeyStates::now_us`]) and counts it when allowed.
     pub(crate) fn check(&self, limits: Limits, now_us: u64) -> Verdict {
-        decide(&mut self.lock().windows, limits, now_us)
+        decide(&mut crate::lock(&self.inner).windows, limits, now_us)
     }
 
     /// Notes a use, the latest winning. True when the key was not pending yet: the caller
     /// puts it in the pending list.
     pub(crate) fn note_use(&self, at: Timestamp, ip: IpAddr) -> bool {
-        let mut inner = self.lock();
+        let mut inner = crate::lock(&self.inner);
         inner.last_use = Some((at.as_millisecond(), ip));
         !std::mem::replace(&mut inner.queued, true)
     }
@@ -65,7 +61,7 @@ impl KeyState {
     /// The use noted since the last call, and the key no longer pending: a use noted after
     /// this puts it in the pending list again.
     pub(crate) fn take_use(&self) -> Option<(Timestamp, IpAddr)> {
-        let mut inner = self.lock();
+        let mut inner = crate::lock(&self.inner);
         inner.queued = false;
         let (at, ip) = inner.last_use.take()?;
         Some((Timestamp::from_millisecond(at).ok()?, ip))
@@ -73,7 +69,7 @@ impl KeyState {
 
     /// Nothing counted at `now_us` any more, and no use pending.
     fn is_idle(&self, now_us: u64) -> bool {
-        let mut inner = self.lock();
+        let mut inner = crate::lock(&self.inner);
         !inner.queued && inner.windows.is_idle(now_us)
     }
 }

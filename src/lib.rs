@@ -46,6 +46,14 @@ mod usage;
 /// what remains comes from the usage log's folds (see `store::sqlite`).
 pub(crate) const KEY_MAP_SHARDS: usize = 1024;
 
+/// Locks `mutex`, going on past a thread that panicked while holding it: what the locks here
+/// guard (limit windows, pending uses, a timer) stays valid however a holder stopped.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// An error and its causes on one line, for logs and command-line messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

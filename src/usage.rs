@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use jiff::Timestamp;
 
 use crate::key_state::KeyState;
+use crate::lock;
 use crate::ratelimit::Window;
 use crate::store::{AuditEvent, AuditKind, Store, StoreError, UsageRecord};
 
@@ -26,10 +27,6 @@ pub(crate) struct UsageRecorder {
     refused: Mutex<HashMap<Arc<str>, (Timestamp, IpAddr)>>,
     audit: Mutex<Vec<AuditEvent>>,
     rate_limited_noted: DashMap<Arc<str>, Instant>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl UsageRecorder {

@@ -8,7 +8,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ impl Deadline {
     /// `work`'s output, or `None` once `after` has passed first.
     pub(crate) async fn within<F: Future>(&self, after: Duration, work: F) -> Option<F::Output> {
         let at = Instant::now() + after;
-        let taken = self.lock().take();
+        let taken = crate::lock(&self.idle).take();
         let mut timer = match taken {
             Some(mut timer) => {
                 timer.as_mut().reset(at);
@@ -41,12 +41,8 @@ impl Deadline {
         })
         .await;
         // Dropped before this point (the client went away), the timer goes with the request.
-        *self.lock() = Some(timer);
+        *crate::lock(&self.idle) = Some(timer);
         output
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<Sleep>>>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
