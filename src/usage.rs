@@ -157,7 +157,7 @@ mod tests {
         // A real failure of the store: the table uses go to is gone.
         let other = rusqlite::Connection::open(&path).unwrap();
         other
-            .execute_batch("ALTER TABLE usage_log RENAME TO away")
+            .execute_batch("ALTER TABLE usage_batches RENAME TO away")
             .unwrap();
 
         // Whole milliseconds, as the store keeps them, one second apart.
@@ -175,7 +175,7 @@ mod tests {
         // A later use of a key whose use was refused is the one written.
         usage.record(&c, "192.0.2.4".parse().unwrap(), at(4));
         other
-            .execute_batch("ALTER TABLE away RENAME TO usage_log")
+            .execute_batch("ALTER TABLE away RENAME TO usage_batches")
             .unwrap();
         usage.flush(&store).await.unwrap();
 

@@ -345,6 +345,49 @@ async fn sqlite_store_of_schema_0_is_migrated() {
     assert_eq!(columns, 0);
 }
 
+/// A store file of schema 1, whose log of uses is a table of one row per use, keeps the latest
+/// use of each key, in the log or already folded, and loses the old log table.
+#[tokio::test]
+async fn sqlite_store_of_schema_1_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.db");
+    let (key, _) = record("logged", "team-l");
+    let store = SqliteStore::open(&path).unwrap();
+    store.insert_key(&key, 10).await.unwrap();
+    drop(store);
+    // Back to schema 1: its log table, holding two uses, and an older use already folded.
+    let t = key.created_at.as_millisecond();
+    let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch(&format!(
+        "DROP TABLE usage_batches;
+         CREATE TABLE usage_log (id TEXT NOT NULL, at INTEGER NOT NULL, ip TEXT NOT NULL);
+         INSERT INTO key_usage VALUES ('{id}', {t} + 1000, '198.51.100.1');
+         INSERT INTO usage_log VALUES ('{id}', {t} + 3000, '198.51.100.3');
+         INSERT INTO usage_log VALUES ('{id}', {t} + 2000, '198.51.100.2');
+         PRAGMA user_version = 1;",
+        id = key.id
+    ))
+    .unwrap();
+    drop(old);
+
+    let store = SqliteStore::open(&path).unwrap();
+    let at = key.created_at + SignedDuration::from_secs(3);
+    assert_eq!(
+        last_use(&store, &key).await,
+        vec![(Some(at), Some("198.51.100.3".to_string())); 3]
+    );
+    drop(store);
+    let tables: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'usage_log'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0);
+}
+
 /// The Redis store passes the same suite against a real `redis-server`; everything it writes is
 /// under `store.key_prefix`, a second instance sees it, and no secret is in Redis in plain text.
 #[tokio::test]
