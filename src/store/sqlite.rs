@@ -193,9 +193,7 @@ impl Writer {
         }
         tx.execute("DELETE FROM usage_batches", [])
             .map_err(unavailable)?;
-        let keys: i64 = tx
-            .query_row("SELECT COUNT(*) FROM keys", [], |r| r.get(0))
-            .map_err(unavailable)?;
+        let keys = count(&tx, "SELECT COUNT(*) FROM keys")?;
         tx.commit().map_err(unavailable)?;
         *self.unfolded() = Unfolded::default();
         self.fold_at = FOLD_AT.max(usize::try_from(keys).unwrap_or(usize::MAX));
@@ -212,7 +210,7 @@ impl Writer {
                 .prepare("SELECT uses FROM usage_batches ORDER BY seq")
                 .map_err(unavailable)?;
             let mut rows = batches.query([]).map_err(unavailable)?;
-            let mut unfolded = self.unfolded.lock().unwrap_or_else(|p| p.into_inner());
+            let mut unfolded = self.unfolded();
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let blob = row
                     .get_ref(0)
@@ -384,28 +382,22 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     tx.execute_batch(SCHEMA).map_err(unavailable)?;
     // A version-0 file has the last use in `keys` itself.
-    let old_columns: i64 = tx
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name = 'last_used_at'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(unavailable)?;
-    if old_columns > 0 {
+    if count(
+        &tx,
+        "SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name = 'last_used_at'",
+    )? > 0
+    {
         tx.execute_batch(
             "INSERT INTO key_usage (id, at, ip)              SELECT id, last_used_at, coalesce(last_used_ip, '') FROM keys              WHERE last_used_at IS NOT NULL;              ALTER TABLE keys DROP COLUMN last_used_at;              ALTER TABLE keys DROP COLUMN last_used_ip;",
         )
         .map_err(unavailable)?;
     }
     // A version-1 file logs uses one row each, in `usage_log`.
-    let old_log: i64 = tx
-        .query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'usage_log'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(unavailable)?;
-    if old_log > 0 {
+    if count(
+        &tx,
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'usage_log'",
+    )? > 0
+    {
         tx.execute_batch(
             "INSERT INTO key_usage (id, at, ip) \
              SELECT id, max(at), ip FROM usage_log WHERE true GROUP BY id \
@@ -418,6 +410,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(unavailable)?;
     tx.commit().map_err(unavailable)
+}
+
+/// The one number a `SELECT COUNT(*) …` without parameters answers.
+fn count(conn: &Connection, sql: &str) -> Result<i64, StoreError> {
+    conn.query_row(sql, [], |r| r.get(0)).map_err(unavailable)
 }
 
 fn millis(at: Timestamp) -> i64 {
