@@ -327,22 +327,31 @@ async fn sqlite_store_of_schema_0_is_migrated() {
     .unwrap();
     drop(old);
 
-    let store = SqliteStore::open(&path).unwrap();
-    let at = key.created_at + SignedDuration::from_secs(1);
-    assert_eq!(
-        last_use(&store, &key).await,
-        vec![(Some(at), Some("198.51.100.7".to_string())); 3]
+    assert_migrated(&path, &key, 1, "198.51.100.7").await;
+    let columns = count(
+        &path,
+        "SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name LIKE 'last_used%'",
     );
-    drop(store);
-    let columns: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('keys') WHERE name LIKE 'last_used%'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
     assert_eq!(columns, 0);
+}
+
+/// The store at `path`, once opened (and so migrated), shows `key` last used `secs` after its
+/// creation from `ip`, by id, by hash and in a listing.
+async fn assert_migrated(path: &std::path::Path, key: &KeyRecord, secs: i64, ip: &str) {
+    let store = SqliteStore::open(path).unwrap();
+    let at = key.created_at + SignedDuration::from_secs(secs);
+    assert_eq!(
+        last_use(&store, key).await,
+        vec![(Some(at), Some(ip.to_string())); 3]
+    );
+}
+
+/// What a `SELECT COUNT(*) …` answers on the store file at `path`, read past the store.
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
 }
 
 /// A store file of schema 1, whose log of uses is a table of one row per use, keeps the latest
@@ -370,22 +379,14 @@ async fn sqlite_store_of_schema_1_is_migrated() {
     .unwrap();
     drop(old);
 
-    let store = SqliteStore::open(&path).unwrap();
-    let at = key.created_at + SignedDuration::from_secs(3);
-    assert_eq!(
-        last_use(&store, &key).await,
-        vec![(Some(at), Some("198.51.100.3".to_string())); 3]
+    assert_migrated(&path, &key, 3, "198.51.100.3").await;
+    let tables = count(
+        &path,
+        "SELECT COUNT(*) FROM sqlite_master WHERE name = 'usage_log'",
     );
-    drop(store);
-    let tables: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'usage_log'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
     assert_eq!(tables, 0);
+    let version = count(&path, "SELECT user_version FROM pragma_user_version");
+    assert_eq!(version, 2, "schema version after migration");
 }
 
 /// The Redis store passes the same suite against a real `redis-server`; everything it writes is
