@@ -121,6 +121,7 @@ impl Gateway {
     /// Drops idle state: expired cache entries, empty limiter windows, old failed-auth
     /// counts, upstream connections idle for too long.
     pub(crate) fn sweep(&self) {
+        let started = Instant::now();
         self.cache.sweep();
         self.router.sweep();
         self.states.sweep();
@@ -128,6 +129,7 @@ impl Gateway {
             global.sweep();
         }
         self.failed_auth.sweep();
+        tracing::debug!(elapsed = ?started.elapsed(), "idle state swept");
     }
 
     /// Answers one request; never fails: every refusal becomes its problem+json answer.
