@@ -250,9 +250,10 @@ async fn last_use(
         .collect()
 }
 
-/// The embedded store appends uses to a log and folds it into its usage table in batches:
-/// every read sees the latest use wherever it is, an older use never replaces a newer one on
-/// either side of a fold, and uses still in the log are there after reopening.
+/// The embedded store appends uses to a log, compacts the log while serving and folds it into
+/// its usage table when opened: every read sees the latest use wherever it is, an older use
+/// never replaces a newer one on either side of a fold or a compaction, and uses still in the
+/// log are there after reopening.
 #[tokio::test]
 async fn sqlite_usage_is_read_through_the_log_and_its_folds() {
     let dir = tempfile::tempdir().unwrap();
@@ -266,21 +267,42 @@ async fn sqlite_usage_is_read_through_the_log_and_its_folds() {
     let at = |s: i64| t + SignedDuration::from_secs(s);
     let seen = |s: i64, ip: &str| vec![(Some(at(s)), Some(ip.to_string())); 3];
 
-    // Each step (a use recorded, or a fold), then the latest use every read must show.
+    enum Step {
+        Use(i64, &'static str),
+        Fold,
+        Compact,
+    }
+    // Each step, then the latest use every read must show.
     let steps = [
-        (Some((2, "192.0.2.2")), (2, "192.0.2.2"), "in the log"),
-        (None, (2, "192.0.2.2"), "folded"),
-        (Some((1, "192.0.2.1")), (2, "192.0.2.2"), "older in the log"),
-        (None, (2, "192.0.2.2"), "older folded"),
-        (Some((3, "192.0.2.3")), (3, "192.0.2.3"), "newer in the log"),
+        (Step::Use(2, "192.0.2.2"), (2, "192.0.2.2"), "in the log"),
+        (Step::Fold, (2, "192.0.2.2"), "folded"),
+        (
+            Step::Use(1, "192.0.2.1"),
+            (2, "192.0.2.2"),
+            "older in the log",
+        ),
+        (Step::Fold, (2, "192.0.2.2"), "older folded"),
+        (
+            Step::Use(3, "192.0.2.3"),
+            (3, "192.0.2.3"),
+            "newer in the log",
+        ),
+        (Step::Compact, (3, "192.0.2.3"), "compacted"),
+        (
+            Step::Use(2, "192.0.2.4"),
+            (3, "192.0.2.3"),
+            "older after compaction",
+        ),
+        (Step::Compact, (3, "192.0.2.3"), "compacted again"),
     ];
     for (step, (latest, ip), what) in steps {
         match step {
-            Some((s, ip)) => store
+            Step::Use(s, ip) => store
                 .record_usage(Arc::from([used(&key.id, at(s), ip)]))
                 .await
                 .unwrap(),
-            None => store.fold_usage().await.unwrap(),
+            Step::Fold => store.fold_usage().await.unwrap(),
+            Step::Compact => store.compact_usage().await.unwrap(),
         }
         assert_eq!(last_use(&store, &key).await, seen(latest, ip), "{what}");
     }
