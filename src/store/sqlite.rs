@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -76,6 +76,9 @@ const KEY_BY_HASH: &str = "SELECT k.id, k.hash, k.prefix, k.name, k.description,
 /// so that a compaction writes at most one use for each use logged since the last.
 const COMPACT_AT: usize = 200_000;
 
+/// The size of the batches a compaction writes (some 25,000 uses each).
+const COMPACTED_BATCH_BYTES: usize = 1 << 20;
+
 /// The embedded store. SQLite connections are not `Sync`: each sits behind a mutex and every
 /// call runs on the blocking pool, never on the async workers. Writes and admin reads share
 /// one connection; the data plane's lookup by hash has its own, so it never waits behind a
@@ -92,7 +95,7 @@ const COMPACT_AT: usize = 200_000;
 /// batch of each key's latest use, written from memory. At a million keys a fold upserted a
 /// million rows of `key_usage` every million uses, 2.7–3.8 s of the one core the load bench
 /// gives keygate and its upstream, and each 10 s run it fell in served 25–40% fewer requests;
-/// the compaction writes the same uses as one sequential blob (0.66 s under the same load,
+/// the compaction writes the same uses as a few sequential blobs (0.66 s under the same load,
 /// once per million uses). The fold into `key_usage` is done when the store is opened, from the
 /// log read back. The cost is memory: the latest use of each key used since the store was
 /// opened stays in memory, some 60–80 bytes a key, where a fold emptied that map.
@@ -100,8 +103,9 @@ const COMPACT_AT: usize = 200_000;
 pub struct SqliteStore {
     writer: Arc<Mutex<Writer>>,
     reader: Arc<Mutex<Connection>>,
-    /// The latest use per key in the log, not yet folded into `key_usage`.
-    unfolded: Arc<Mutex<Unfolded>>,
+    /// The latest use per key in the log, not yet folded into `key_usage`. Changed only by the
+    /// writer; a compaction reads it while lookups do.
+    unfolded: Arc<RwLock<Unfolded>>,
 }
 
 #[derive(Debug, Default)]
@@ -141,7 +145,7 @@ impl Unfolded {
 #[derive(Debug)]
 struct Writer {
     conn: Connection,
-    unfolded: Arc<Mutex<Unfolded>>,
+    unfolded: Arc<RwLock<Unfolded>>,
     /// A flush's uses as a `usage_batches` blob, kept between flushes for its capacity.
     blob: Vec<u8>,
     /// Logged uses that trigger a compaction: [`COMPACT_AT`], or twice the keys in the log.
@@ -149,8 +153,12 @@ struct Writer {
 }
 
 impl Writer {
-    fn unfolded(&self) -> std::sync::MutexGuard<'_, Unfolded> {
-        self.unfolded.lock().unwrap_or_else(|p| p.into_inner())
+    fn unfolded(&self) -> RwLockReadGuard<'_, Unfolded> {
+        self.unfolded.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unfolded_mut(&self) -> RwLockWriteGuard<'_, Unfolded> {
+        self.unfolded.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -196,41 +204,49 @@ impl Writer {
         tx.execute("DELETE FROM usage_batches", [])
             .map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
-        *self.unfolded() = Unfolded::default();
+        *self.unfolded_mut() = Unfolded::default();
         self.compact_at = COMPACT_AT;
         tracing::debug!(keys = uses.len(), elapsed = ?started.elapsed(), "usage log folded");
         Ok(())
     }
 
-    /// Replaces the log by one batch holding the latest use of each key in it, from memory,
-    /// in one transaction: what the log says is the same before and after.
+    /// Replaces the log by batches holding the latest use of each key in it, from memory, in
+    /// one transaction: what the log says is the same before and after. Batches of about
+    /// [`COMPACTED_BATCH_BYTES`], so that neither this nor SQLite holds a copy of the whole.
     fn compact_usage(&mut self) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let mut blob = std::mem::take(&mut self.blob);
-        blob.clear();
-        let keys = {
-            let unfolded = self.unfolded();
-            for (id, &(at, ip)) in &unfolded.latest {
-                encode_use(id, at, ip, &mut blob);
-            }
-            unfolded.latest.len()
-        };
+        // Read while lookups read it too; only this writer changes it.
+        let unfolded = Arc::clone(&self.unfolded);
+        let unfolded = unfolded.read().unwrap_or_else(|p| p.into_inner());
         let written = self
             .conn
             .transaction()
             .and_then(|tx| {
                 tx.execute("DELETE FROM usage_batches", [])?;
-                tx.prepare_cached("INSERT INTO usage_batches (uses) VALUES (?1)")?
-                    .execute(params![blob.as_slice()])?;
+                let mut insert =
+                    tx.prepare_cached("INSERT INTO usage_batches (uses) VALUES (?1)")?;
+                blob.clear();
+                for (id, &(at, ip)) in &unfolded.latest {
+                    encode_use(id, at, ip, &mut blob);
+                    if blob.len() >= COMPACTED_BATCH_BYTES {
+                        insert.execute(params![blob.as_slice()])?;
+                        blob.clear();
+                    }
+                }
+                if !blob.is_empty() {
+                    insert.execute(params![blob.as_slice()])?;
+                }
+                drop(insert);
                 tx.commit()
             })
             .map_err(unavailable);
-        // The snapshot is as large as the keys in use; the flushes' batches are far smaller.
+        let keys = unfolded.latest.len();
+        drop(unfolded);
         blob.clear();
-        blob.shrink_to(1 << 20);
         self.blob = blob;
         written?;
-        self.unfolded().logged = keys;
+        self.unfolded_mut().logged = keys;
         self.compact_at = COMPACT_AT.max(2 * keys);
         tracing::debug!(keys, elapsed = ?started.elapsed(), "usage log compacted");
         Ok(())
@@ -245,7 +261,7 @@ impl Writer {
                 .prepare("SELECT uses FROM usage_batches ORDER BY seq")
                 .map_err(unavailable)?;
             let mut rows = batches.query([]).map_err(unavailable)?;
-            let mut unfolded = self.unfolded();
+            let mut unfolded = self.unfolded_mut();
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let blob = row
                     .get_ref(0)
@@ -341,7 +357,7 @@ impl SqliteStore {
         let mut conn = connect(path)?;
         migrate(&mut conn)?;
         let reader = connect(path)?;
-        let unfolded = Arc::new(Mutex::new(Unfolded::default()));
+        let unfolded = Arc::new(RwLock::new(Unfolded::default()));
         let mut writer = Writer {
             conn,
             unfolded: Arc::clone(&unfolded),
@@ -639,7 +655,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             if let Some(key) = &mut key {
                 unfolded
-                    .lock()
+                    .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .patch(key);
             }
@@ -755,7 +771,7 @@ impl Store for SqliteStore {
                 .prepare_cached("INSERT INTO usage_batches (uses) VALUES (?1)")
                 .and_then(|mut insert| insert.execute(params![w.blob.as_slice()]))
                 .map_err(unavailable)?;
-            let mut unfolded = w.unfolded();
+            let mut unfolded = w.unfolded_mut();
             for record in batch.iter() {
                 unfolded.note(&record.key_id, millis(record.at), record.ip);
             }
@@ -874,8 +890,8 @@ mod tests {
         assert_eq!(read(&[]), (true, Vec::new()));
     }
 
-    /// A log past [`COMPACT_AT`] uses becomes one batch of each key's latest use, and reads
-    /// back as such when the store is opened again.
+    /// A log past [`COMPACT_AT`] uses becomes batches holding each key's latest use once, and
+    /// reads back as such when the store is opened again.
     #[tokio::test]
     async fn a_long_usage_log_is_compacted_to_the_latest_use_of_each_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -883,29 +899,40 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let keys = crate::bench::keys(2, "kg_");
         store.import(keys.iter().map(|(_, record)| record)).unwrap();
-        let t0 = 1_790_000_000_000;
-        let batch = |key: &KeyRecord, from: i64, ip: &str| -> Arc<[UsageRecord]> {
-            let (id, ip): (Arc<str>, IpAddr) = (Arc::from(key.id.as_str()), ip.parse().unwrap());
-            (0..COMPACT_AT as i64 / 2)
-                .map(|i| UsageRecord {
-                    key_id: Arc::clone(&id),
-                    at: Timestamp::from_millisecond(from + i).unwrap(),
-                    ip,
-                })
-                .collect()
-        };
         let (a, b) = (&keys[0].1, &keys[1].1);
-        store.record_usage(batch(a, t0, "192.0.2.1")).await.unwrap();
-        store
-            .record_usage(batch(b, t0 + 5, "2001:db8::2"))
-            .await
-            .unwrap();
+        // Half the threshold on one key; the other half on more keys than one batch holds.
+        const OTHERS: usize = 60_000;
+        let t0 = 1_790_000_000_000;
+        let half = COMPACT_AT / 2;
+        let use_of = |id: &str, i: usize, ip: &str| UsageRecord {
+            key_id: Arc::from(id),
+            at: Timestamp::from_millisecond(t0 + i as i64).unwrap(),
+            ip: ip.parse().unwrap(),
+        };
+        let first: Arc<[UsageRecord]> = (0..half).map(|i| use_of(&a.id, i, "192.0.2.1")).collect();
+        let second: Arc<[UsageRecord]> = (0..half)
+            .map(|i| match i {
+                0 => use_of(&b.id, i, "2001:db8::2"),
+                _ => use_of(&format!("other-{}", i % OTHERS), i, "198.51.100.7"),
+            })
+            .collect();
+        store.record_usage(first).await.unwrap();
+        store.record_usage(second).await.unwrap();
 
-        let last = t0 + COMPACT_AT as i64 / 2 - 1;
-        let mut expected = vec![
-            (a.id.clone(), last, "192.0.2.1".parse::<IpAddr>().unwrap()),
-            (b.id.clone(), last + 5, "2001:db8::2".parse().unwrap()),
-        ];
+        let mut expected: HashMap<String, (i64, IpAddr)> = (half - OTHERS..half)
+            .map(|i| {
+                (
+                    format!("other-{}", i % OTHERS),
+                    use_of("", i, "198.51.100.7"),
+                )
+            })
+            .map(|(id, u)| (id, (millis(u.at), u.ip)))
+            .collect();
+        expected.insert(
+            a.id.clone(),
+            (t0 + half as i64 - 1, "192.0.2.1".parse().unwrap()),
+        );
+        expected.insert(b.id.clone(), (t0, "2001:db8::2".parse().unwrap()));
         {
             let writer = store.writer.lock().unwrap();
             let blobs: Vec<Vec<u8>> = writer
@@ -916,24 +943,26 @@ mod tests {
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap();
-            assert_eq!(blobs.len(), 1, "one batch left");
-            let mut logged = Vec::new();
-            assert!(decode_uses(&blobs[0], |id, at, ip| logged.push((
-                id.to_string(),
-                at,
-                ip
-            ))));
-            logged.sort();
-            expected.sort();
+            assert!(blobs.len() > 1, "{} batches", blobs.len());
+            let mut logged = HashMap::new();
+            for blob in &blobs {
+                assert!(decode_uses(blob, |id, at, ip| {
+                    assert!(
+                        logged.insert(id.to_string(), (at, ip)).is_none(),
+                        "{id} twice"
+                    );
+                }));
+            }
             assert_eq!(logged, expected);
         }
         drop(store);
 
         let reopened = SqliteStore::open(&path).unwrap();
-        for (id, at, ip) in expected {
-            let key = reopened.key_by_id(&id).await.unwrap().unwrap();
-            assert_eq!(key.last_used_at.map(|t| t.as_millisecond()), Some(at));
-            assert_eq!(key.last_used_ip, Some(ip));
+        for key in [a, b] {
+            let (at, ip) = expected[&key.id];
+            let found = reopened.key_by_id(&key.id).await.unwrap().unwrap();
+            assert_eq!(found.last_used_at.map(|t| t.as_millisecond()), Some(at));
+            assert_eq!(found.last_used_ip, Some(ip));
         }
     }
 
