@@ -898,7 +898,7 @@ mod tests {
         let path = dir.path().join("keys.db");
         let store = SqliteStore::open(&path).unwrap();
         let keys = crate::bench::keys(2, "kg_");
-        store.import(keys.iter().map(|(_, record)| record)).unwrap();
+        crate::bench::import(&store, &keys);
         let (a, b) = (&keys[0].1, &keys[1].1);
         // Half the threshold on one key; the other half on more keys than one batch holds.
         const OTHERS: usize = 60_000;
