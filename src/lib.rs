@@ -43,7 +43,8 @@ mod usage;
 /// million keys and dashmap's default (4 × CPUs, so 8 here) each hold lasted about 10 ms.
 /// 1,024 shards hold about 1,000 keys each at that scale, for 128 KB per map. Measured with
 /// `benches/load.rs --big 1000000`: p99 at a million keys went from 23–74 ms to 15–43 ms;
-/// what remains comes from the usage log's folds (see `store::sqlite`).
+/// what remained came from the usage log's folds, which no longer run while serving (see
+/// `store::sqlite`).
 pub(crate) const KEY_MAP_SHARDS: usize = 1024;
 
 /// Locks `mutex`, going on past a thread that panicked while holding it: what the locks here
