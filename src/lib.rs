@@ -48,7 +48,9 @@ mod usage;
 pub(crate) const KEY_MAP_SHARDS: usize = 1024;
 
 /// Locks `mutex`, going on past a thread that panicked while holding it: what the locks here
-/// guard (limit windows, pending uses, a timer) stays valid however a holder stopped.
+/// guard (limit windows, pending uses, timers, idle upstream connections, the log writer's
+/// state, the store's connections, whose open transaction rolls back as it unwinds) stays
+/// valid however a holder stopped.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

@@ -88,7 +88,7 @@ impl<W: Write + Send + 'static> BatchedLog<W> {
 
 impl<W: Write> Shared<W> {
     fn lock(&self) -> MutexGuard<'_, State<W>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Waits for lines to become pending, lets them gather for [`FLUSH_EVERY`], writes them.

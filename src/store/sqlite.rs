@@ -392,10 +392,7 @@ impl SqliteStore {
         &self,
         keys: impl IntoIterator<Item = &'a KeyRecord>,
     ) -> Result<(), StoreError> {
-        let mut writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut writer = crate::lock(&self.writer);
         let tx = writer.conn.transaction().map_err(unavailable)?;
         for key in keys {
             insert(&tx, key)?;
@@ -411,9 +408,7 @@ impl SqliteStore {
     {
         let writer = Arc::clone(&self.writer);
         tokio::task::spawn_blocking(move || {
-            let mut writer = writer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut writer = crate::lock(&writer);
             f(&mut writer)
         })
         .await
@@ -644,9 +639,7 @@ impl Store for SqliteStore {
         let hash = *hash;
         let (reader, unfolded) = (Arc::clone(&self.reader), Arc::clone(&self.unfolded));
         tokio::task::spawn_blocking(move || {
-            let conn = reader
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let conn = crate::lock(&reader);
             // The one query of the data plane: prepared once per connection, not per request.
             let mut key = conn
                 .prepare_cached(KEY_BY_HASH)

@@ -123,7 +123,7 @@ where
 
 impl<B> Pool<B> {
     fn take(&self) -> Option<http1::SendRequest<B>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = crate::lock(&self.idle);
         while let Some(Idle { sender, since }) = idle.pop() {
             if !sender.is_closed() && since.elapsed() < IDLE_FOR {
                 return Some(sender);
@@ -136,7 +136,7 @@ impl<B> Pool<B> {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = crate::lock(&self.idle);
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 sender,
@@ -147,7 +147,7 @@ impl<B> Pool<B> {
 
     /// Closes connections idle for too long or closed by the upstream.
     pub(crate) fn sweep(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = crate::lock(&self.idle);
         idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < IDLE_FOR);
     }
 
