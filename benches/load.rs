@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use keygate::bench;
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc; // as keygate's, for hyper alone
+static ALLOCATOR: keygate_alloc::MiMalloc = keygate_alloc::MiMalloc; // as keygate's, for hyper alone
 use keygate::store::SqliteStore;
 use support::{Killed, free_port, memory_mib, tree_cpu_seconds, wait_for_port};
 

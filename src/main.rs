@@ -17,10 +17,10 @@ use tracing_subscriber::EnvFilter;
 /// (65 threads after the load bench's warm-up).
 const BLOCKING_THREADS: usize = 8;
 
-/// mimalloc: a request allocates and frees many small buffers across tasks; measured
-/// cheaper than glibc's malloc per request (see benches/load.rs).
+/// mimalloc (through `keygate-alloc`): a request allocates and frees many small buffers across
+/// tasks; measured cheaper than glibc's malloc per request (see benches/load.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: keygate_alloc::MiMalloc = keygate_alloc::MiMalloc;
 
 /// Logs to standard error, access lines batched (see `keygate::logging`); what is pending is
 /// written when the returned guard drops.
