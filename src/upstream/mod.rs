@@ -48,21 +48,39 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// Whether a name has the length of one in [`HOP_BY_HOP`]: most names have not, and a name's
+/// length is known without reading it, where comparing it with the eight takes eight tests.
+fn may_be_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 19)
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the few headers a message has, noting which hop-by-hop ones are there:
     // most requests carry none, most responses only `Connection: keep-alive`.
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if may_be_hop_by_hop(name)
+            && let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
+        {
             present |= 1 << i;
         }
     }
     if present == 0 {
         return;
     }
-    // `HOP_BY_HOP[0]` is `Connection`.
-    if present & 1 != 0 {
+    // `HOP_BY_HOP[0]` is `Connection`; `keep-alive` and `close`, nearly all it ever says,
+    // name no header.
+    let names_headers = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close")
+    };
+    if present & 1 != 0
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(names_headers)
+    {
         // Parsed only for names not removed anyway: `keep-alive` and `close` allocate nothing.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -335,6 +353,28 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_passes_the_length_filter() {
+        for name in &HOP_BY_HOP {
+            assert!(may_be_hop_by_hop(name), "{name}");
+        }
+        assert!(!may_be_hop_by_hop(&header::HOST));
+        assert!(!may_be_hop_by_hop(&header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn connection_keep_alive_or_close_removes_only_the_hop_by_hop_headers() {
+        for value in ["keep-alive", "Keep-Alive", "close"] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", value.parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            h.insert("user-agent", "wrk".parse().unwrap());
+            remove_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{value}");
+            assert!(h.contains_key("user-agent"));
+        }
     }
 
     #[test]
