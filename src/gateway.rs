@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, Version};
 use ipnet::IpNet;
@@ -23,11 +23,12 @@ use crate::metrics::{Metrics, StoreOp};
 use crate::problem::{GatewayError, Outcome};
 use crate::ratelimit::{FailedAuthLimiter, GlobalLimiter, Limits, RateHeaders, Verdict};
 use crate::store::{Store, StoreError, StoreHealth};
-use crate::upstream::{self, Deadline, PooledBody, Route, Router};
+use crate::upstream::{self, Deadline, LeanBody, PooledBody, Route, Router};
 use crate::usage::UsageRecorder;
 
-/// What the data plane answers with: the upstream's streamed body, or one of ours.
-pub(crate) type Body = Either<PooledBody, Full<Bytes>>;
+/// What the data plane answers with: the upstream's body (through hyper's client or the lean
+/// exchange), or one of ours.
+pub(crate) type Body = Either<Either<PooledBody, LeanBody>, Full<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -439,13 +440,23 @@ impl Gateway {
             }
 
             let started = Instant::now();
-            let result = peer
-                .deadline
-                .within(
-                    route.timeout,
-                    route.pool.send(Request::from_parts(parts, body)),
-                )
-                .await;
+            let lean = route
+                .lean
+                .as_ref()
+                .filter(|_| !websocket && upstream::lean::takes(&parts, body.is_end_stream()));
+            let result = match lean {
+                Some(lean) => {
+                    let send = async { Ok(lean.send(&parts).await?.map(Either::Right)) };
+                    peer.deadline.within(route.timeout, send).await
+                }
+                None => {
+                    let send = async {
+                        let request = Request::from_parts(parts, body);
+                        Ok(route.pool.send(request).await?.map(Either::Left))
+                    };
+                    peer.deadline.within(route.timeout, send).await
+                }
+            };
             self.metrics
                 .route(Some(route.index))
                 .upstream_duration

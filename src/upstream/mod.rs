@@ -1,9 +1,11 @@
 //! Routing, the header rules of forwarding (SPEC §3) and the upstream connections.
 
 mod deadline;
+pub(crate) mod lean;
 mod pool;
 
 pub(crate) use deadline::Deadline;
+pub(crate) use lean::{LeanBody, LeanPool};
 pub(crate) use pool::{Pool, PooledBody};
 
 use std::sync::Arc;
@@ -163,6 +165,8 @@ pub(crate) struct Route {
     strip_prefix: bool,
     pub(crate) timeout: Duration,
     pub(crate) pool: Arc<Pool>,
+    /// For requests without a body to an `http://` upstream; see [`lean`].
+    pub(crate) lean: Option<Arc<LeanPool>>,
 }
 
 impl Route {
@@ -251,6 +255,7 @@ impl Router {
                 auth: config.auth,
                 strip_prefix: config.strip_prefix,
                 timeout: config.timeout,
+                lean: LeanPool::new(&target).map(Arc::new),
                 pool: Arc::new(Pool::new(connector(tls), target)),
             });
         }
@@ -267,6 +272,9 @@ impl Router {
     pub(crate) fn sweep(&self) {
         for route in &self.routes {
             route.pool.sweep();
+            if let Some(lean) = &route.lean {
+                lean.sweep();
+            }
         }
     }
 

@@ -1,0 +1,998 @@
+//! The exchange most requests make with a plain-HTTP upstream, done in the request's own task.
+//!
+//! hyper's HTTP/1 client runs each connection as a task of its own: a request goes to it
+//! through a channel, the response comes back through another, and the body through a third,
+//! each a wake-up and a poll of one task or the other. Under callgrind that was 14,000 of the
+//! 43,000 instructions keygate's worker spends on a proxied request; hyper parsing the
+//! response head was 4,600 of them, the rest was the handing back and forth.
+//!
+//! A request without a body to an `http://` upstream (nearly every GET, HEAD and DELETE) is
+//! sent here instead: the request's task writes the head on a kept-alive connection, reads the
+//! answer's head (parsed by `httparse`, as hyper does), and the body, when it came with the
+//! head, goes back as it is. Anything else (a request body, a WebSocket upgrade, `https`)
+//! goes through hyper's client ([`super::Pool`]).
+//!
+//! The response body is framed as RFC 9112 §6.3 says: none for HEAD, 1xx, 204 and 304;
+//! chunked; `Content-Length`; else until the upstream closes. A connection is used again
+//! only after a whole response, with neither side having said `close`. A kept connection the
+//! upstream closed meanwhile is noticed when the next request finds nothing to read; an
+//! idempotent request is then sent again on another connection, as nginx does.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode, Uri};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::pool::UpstreamError;
+
+/// How long connecting may take, as for hyper's connector.
+const CONNECT_TIMEOUT: Duration = super::CONNECT_TIMEOUT;
+
+/// How long an idle connection is kept.
+const IDLE_FOR: Duration = Duration::from_secs(90);
+
+/// Idle connections kept per route.
+const MAX_IDLE: usize = 1024;
+
+/// A response head larger than this is refused (nginx's `proxy_buffer_size` is 4-8 KiB).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Headers a response head may have.
+const MAX_HEADERS: usize = 100;
+
+/// What a read asks for at least.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why an upstream's answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LeanError {
+    #[error("cannot connect to the upstream {authority}")]
+    Connect {
+        authority: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to the upstream {0} timed out")]
+    ConnectTimeout(String),
+    #[error("the upstream connection failed")]
+    Io(#[from] io::Error),
+    #[error("the upstream closed the connection before a complete response")]
+    Closed,
+    #[error("the upstream's response head is malformed: {0}")]
+    Malformed(httparse::Error),
+    #[error("the upstream's response head is over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the upstream answered 101 Switching Protocols to a request that asked for none")]
+    UnaskedUpgrade,
+    #[error("the upstream's Content-Length is not one number")]
+    BadContentLength,
+    #[error("the upstream's chunked body is malformed")]
+    BadChunk,
+}
+
+/// One kept-alive connection: the socket, what was read past the last response, and the
+/// buffer request heads are written into.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    read: BytesMut,
+    head: Vec<u8>,
+}
+
+impl Conn {
+    /// Reads more into `read`; `Ok(0)` when the upstream has closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.read.reserve(READ_CHUNK);
+        // A fresh `read_buf` future per poll: it keeps no state of its own between polls.
+        std::pin::pin!(self.stream.read_buf(&mut self.read)).poll(cx)
+    }
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The kept-alive connections of one `http://` route.
+#[derive(Debug)]
+pub(crate) struct LeanPool {
+    /// `host:port`, as connected to.
+    authority: String,
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// Whether a request goes through [`LeanPool::send`]: it has no body and asks for no upgrade.
+pub(crate) fn takes(parts: &Parts, body_is_empty: bool) -> bool {
+    body_is_empty
+        && parts.method != Method::CONNECT
+        && !parts.headers.contains_key(header::UPGRADE)
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+impl LeanPool {
+    /// The pool of an `http://` upstream; `None` for other schemes.
+    pub(crate) fn new(upstream: &Uri) -> Option<LeanPool> {
+        if upstream.scheme_str() != Some("http") {
+            return None;
+        }
+        let host = upstream.host()?;
+        let port = upstream.port_u16().unwrap_or(80);
+        Some(LeanPool {
+            authority: format!("{host}:{port}"),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Sends a request without a body (origin-form target, `Host` set) and reads the head of
+    /// its answer. See the module documentation.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        parts: &Parts,
+    ) -> Result<Response<LeanBody>, UpstreamError> {
+        let retry = parts.method.is_idempotent();
+        loop {
+            let (mut conn, reused) = match self.take() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            encode(&mut conn.head, parts);
+            // The head is written once the tasks already ready have run, as it was when
+            // hyper's connection task wrote it: the writes of requests that arrived together
+            // go out together, and an upstream on the same core wakes once for them, not once
+            // for each. Writing at once woke it 0.85 times a request instead of 0.45, and the
+            // switches cost more than the task handing saved (load bench layout, 5 s runs).
+            YieldOnce(false).await;
+            match exchange(&mut conn).await {
+                Ok(head) => return Ok(self.respond(conn, head, &parts.method)?),
+                // Nothing came back on a kept connection: the upstream had closed it.
+                Err(Exchange::Stale(_)) if reused && retry => continue,
+                Err(Exchange::Stale(e) | Exchange::Failed(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, LeanError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.authority))
+            .await
+            .map_err(|_| LeanError::ConnectTimeout(self.authority.clone()))?
+            .map_err(|source| LeanError::Connect {
+                authority: self.authority.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            head: Vec::with_capacity(512),
+        })
+    }
+
+    fn take(&self) -> Option<Conn> {
+        let mut idle = crate::lock(&self.idle);
+        while let Some(Idle { conn, since }) = idle.pop() {
+            if since.elapsed() < IDLE_FOR {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, conn: Conn) {
+        let mut idle = crate::lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections idle for too long.
+    pub(crate) fn sweep(&self) {
+        crate::lock(&self.idle).retain(|i| i.since.elapsed() < IDLE_FOR);
+    }
+
+    fn respond(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        head: Head,
+        method: &Method,
+    ) -> Result<Response<LeanBody>, LeanError> {
+        let no_body = *method == Method::HEAD
+            || head.status == StatusCode::NO_CONTENT
+            || head.status == StatusCode::NOT_MODIFIED;
+        let mut keep = head.keep_alive;
+        let framing = if no_body {
+            Framing::Length(0)
+        } else if let Some(te) = last_value(&head.headers, &header::TRANSFER_ENCODING) {
+            // Both framings at once is how responses are smuggled: the connection goes.
+            if head.headers.contains_key(header::CONTENT_LENGTH) {
+                keep = false;
+            }
+            if ends_with_chunked(te) {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            }
+        } else {
+            match content_length(&head.headers)? {
+                Some(n) => Framing::Length(n),
+                None => Framing::Close,
+            }
+        };
+        let state = match framing {
+            // The whole body came with the head (most answers): the connection can go back
+            // before the response is even returned.
+            Framing::Length(n) if conn.read.len() as u64 >= n => {
+                let body = conn.read.split_to(n as usize).freeze();
+                // Bytes past the response: the upstream says more than it was asked.
+                if keep && conn.read.is_empty() {
+                    self.give_back(conn);
+                }
+                State::Whole(Some(body).filter(|b| !b.is_empty()))
+            }
+            Framing::Length(n) => State::Length {
+                remaining: n,
+                conn: Streaming::new(conn, keep.then(|| Arc::clone(self))),
+            },
+            Framing::Chunked => State::Chunked {
+                chunk: Chunk::Size,
+                conn: Streaming::new(conn, keep.then(|| Arc::clone(self))),
+            },
+            Framing::Close => State::UntilClose(Streaming::new(conn, None)),
+        };
+        let mut response = Response::new(LeanBody { state });
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+}
+
+enum Framing {
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// A response head as read.
+#[derive(Debug)]
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    keep_alive: bool,
+}
+
+enum Exchange {
+    /// Failed before any byte of an answer: on a kept connection, the upstream had closed it.
+    Stale(LeanError),
+    Failed(LeanError),
+}
+
+/// Lets the tasks already ready run first: wakes itself once, which puts the task at the back
+/// of the run queue. (`tokio::task::yield_now` waits for the I/O driver to be polled too: one
+/// more `epoll_wait` for every three requests in the load bench.)
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Writes the request head, then reads until a final response head (1xx answers skipped).
+async fn exchange(conn: &mut Conn) -> Result<Head, Exchange> {
+    conn.read.clear();
+    conn.stream
+        .write_all(&conn.head)
+        .await
+        .map_err(|e| Exchange::Stale(e.into()))?;
+    let mut received = false;
+    loop {
+        if !conn.read.is_empty() {
+            match parse_head(&mut conn.read).map_err(Exchange::Failed)? {
+                Parsed::Final(head) => return Ok(head),
+                Parsed::Informational => continue,
+                Parsed::Partial => {}
+            }
+            if conn.read.len() >= MAX_HEAD {
+                return Err(Exchange::Failed(LeanError::HeadTooLarge));
+            }
+        }
+        conn.read.reserve(READ_CHUNK);
+        match conn.stream.read_buf(&mut conn.read).await {
+            Ok(0) if received => return Err(Exchange::Failed(LeanError::Closed)),
+            Ok(0) => return Err(Exchange::Stale(LeanError::Closed)),
+            Ok(_) => received = true,
+            Err(e) if received => return Err(Exchange::Failed(e.into())),
+            Err(e) => return Err(Exchange::Stale(e.into())),
+        }
+    }
+}
+
+enum Parsed {
+    Final(Head),
+    /// A 1xx answer, taken off the buffer.
+    Informational,
+    Partial,
+}
+
+/// Parses a response head at the start of `read`, taking it off when complete. Header
+/// values are slices of the head's bytes, not copies, as hyper makes them.
+fn parse_head(read: &mut BytesMut) -> Result<Parsed, LeanError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(read).map_err(LeanError::Malformed)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(Parsed::Partial),
+    };
+    let code = response.code.unwrap_or_default();
+    if (100..200).contains(&code) {
+        if code == 101 {
+            return Err(LeanError::UnaskedUpgrade);
+        }
+        read.advance(len);
+        return Ok(Parsed::Informational);
+    }
+    let status =
+        StatusCode::from_u16(code).map_err(|_| LeanError::Malformed(httparse::Error::Status))?;
+    let http10 = response.version == Some(0);
+    // Where each header lies in the head, so that its value can be a slice of it.
+    let base = read.as_ptr() as usize;
+    let mut names = Vec::with_capacity(response.headers.len());
+    for h in response.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| LeanError::Malformed(httparse::Error::HeaderName))?;
+        let start = h.value.as_ptr() as usize - base;
+        names.push((name, start, start + h.value.len()));
+    }
+    let head = read.split_to(len).freeze();
+    // Room for the rate-limit headers added to most answers, without growing the map.
+    let mut map = HeaderMap::with_capacity(names.len() + 6);
+    for (name, start, end) in names {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| LeanError::Malformed(httparse::Error::HeaderValue))?;
+        map.append(name, value);
+    }
+    let keep_alive = keeps_alive(&map, http10);
+    Ok(Parsed::Final(Head {
+        status,
+        headers: map,
+        keep_alive,
+    }))
+}
+
+/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
+/// `Connection: keep-alive`.
+fn keeps_alive(headers: &HeaderMap, http10: bool) -> bool {
+    let (mut keep_alive, mut close) = (false, false);
+    for value in headers.get_all(header::CONNECTION) {
+        // Nearly always one word; a list is split.
+        let v = value.as_bytes();
+        if v.eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive = true;
+        } else if v.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else {
+            for token in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                close |= token.eq_ignore_ascii_case(b"close");
+            }
+        }
+    }
+    !close && (keep_alive || !http10)
+}
+
+fn last_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    headers.get_all(name).iter().next_back()
+}
+
+fn ends_with_chunked(te: &HeaderValue) -> bool {
+    te.to_str().is_ok_and(|v| {
+        v.rsplit(',')
+            .next()
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+    })
+}
+
+/// The `Content-Length`: every value (and every item of a list) the same number, or an error.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, LeanError> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| LeanError::BadContentLength)?;
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(LeanError::BadContentLength);
+            }
+            let n: u64 = item.parse().map_err(|_| LeanError::BadContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(LeanError::BadContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Writes the head of a request without a body: request line, then each header as it is.
+fn encode(out: &mut Vec<u8>, parts: &Parts) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // A method that normally has a body says it has none, as hyper does.
+    let expects_body = !matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    );
+    if expects_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A connection a body is being read from, and the pool it goes back to when the body ends
+/// (none when it is not to be used again).
+#[derive(Debug)]
+struct Streaming {
+    conn: Option<Conn>,
+    back: Option<Arc<LeanPool>>,
+}
+
+impl Streaming {
+    fn new(conn: Conn, back: Option<Arc<LeanPool>>) -> Streaming {
+        Streaming {
+            conn: Some(conn),
+            back,
+        }
+    }
+
+    fn conn(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a body being read has its connection")
+    }
+
+    /// The body ended where it should: the connection goes back, unless more was sent.
+    fn finish(&mut self) {
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.back.take())
+            && conn.read.is_empty()
+        {
+            pool.give_back(conn);
+        }
+    }
+}
+
+/// Where a chunked body's reading stands (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Within a chunk's data, this much left.
+    Data(u64),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+#[derive(Debug)]
+enum State {
+    /// The whole body, or none; taken by the first poll.
+    Whole(Option<Bytes>),
+    Length {
+        remaining: u64,
+        conn: Streaming,
+    },
+    Chunked {
+        chunk: Chunk,
+        conn: Streaming,
+    },
+    UntilClose(Streaming),
+    Done,
+}
+
+/// The body of an answer read by [`LeanPool::send`].
+#[derive(Debug)]
+pub(crate) struct LeanBody {
+    state: State,
+}
+
+impl Body for LeanBody {
+    type Data = Bytes;
+    type Error = LeanError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, LeanError>>> {
+        let state = &mut self.state;
+        let frame = match state {
+            State::Whole(body) => body.take().map(Frame::data).map(Ok),
+            State::Done => None,
+            State::Length { remaining, conn } => {
+                let c = conn.conn();
+                if c.read.is_empty() && ready!(c.poll_fill(cx))? == 0 {
+                    Some(Err(LeanError::Closed))
+                } else {
+                    let take = (c.read.len() as u64).min(*remaining);
+                    *remaining -= take;
+                    let data = c.read.split_to(take as usize).freeze();
+                    if *remaining == 0 {
+                        conn.finish();
+                    }
+                    Some(Ok(Frame::data(data)))
+                }
+            }
+            State::Chunked { chunk, conn } => match ready!(poll_chunk(chunk, conn.conn(), cx)) {
+                Ok(Some(data)) => Some(Ok(Frame::data(data))),
+                Ok(None) => {
+                    conn.finish();
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            },
+            State::UntilClose(conn) => {
+                let c = conn.conn();
+                if c.read.is_empty() && ready!(c.poll_fill(cx))? == 0 {
+                    None
+                } else {
+                    Some(Ok(Frame::data(c.read.split().freeze())))
+                }
+            }
+        };
+        match &frame {
+            None | Some(Err(_)) => self.state = State::Done,
+            Some(Ok(_)) if matches!(self.state, State::Length { remaining: 0, .. }) => {
+                self.state = State::Done;
+            }
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Whole(None) | State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Whole(body) => SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64)),
+            State::Done => SizeHint::with_exact(0),
+            State::Length { remaining, .. } => SizeHint::with_exact(*remaining),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The next data of a chunked body: `Some` data, `None` at its end (trailers read and
+/// dropped, as hyper's client drops them when not asked for).
+fn poll_chunk(
+    chunk: &mut Chunk,
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<Bytes>, LeanError>> {
+    loop {
+        let progress = match *chunk {
+            Chunk::Size => line(&mut conn.read)?.map(|line| {
+                // `size[;extensions]`
+                let size = line.split(|&b| b == b';').next().unwrap_or_default();
+                let size = std::str::from_utf8(size)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && s.len() <= 16)
+                    .and_then(|s| u64::from_str_radix(s, 16).ok());
+                match size {
+                    Some(0) => *chunk = Chunk::Trailers,
+                    Some(n) => *chunk = Chunk::Data(n),
+                    None => return Err(LeanError::BadChunk),
+                }
+                Ok(None)
+            }),
+            Chunk::Data(left) if !conn.read.is_empty() => {
+                let take = (conn.read.len() as u64).min(left);
+                let data = conn.read.split_to(take as usize).freeze();
+                *chunk = if take == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - take)
+                };
+                return Poll::Ready(Ok(Some(data)));
+            }
+            Chunk::Data(_) => None,
+            Chunk::DataEnd => line(&mut conn.read)?.map(|line| {
+                if !line.is_empty() {
+                    return Err(LeanError::BadChunk);
+                }
+                *chunk = Chunk::Size;
+                Ok(None)
+            }),
+            Chunk::Trailers => line(&mut conn.read)?.map(|line| {
+                if line.is_empty() {
+                    return Ok(Some(()));
+                }
+                Ok(None)
+            }),
+        };
+        match progress {
+            Some(Ok(Some(()))) => return Poll::Ready(Ok(None)),
+            Some(Ok(None)) => continue,
+            Some(Err(e)) => return Poll::Ready(Err(e)),
+            None => {
+                if ready!(conn.poll_fill(cx))? == 0 {
+                    return Poll::Ready(Err(LeanError::Closed));
+                }
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-ended line off `read` (without its end); `None` until one is there.
+fn line(read: &mut BytesMut) -> Result<Option<Bytes>, LeanError> {
+    match read.windows(2).position(|w| w == b"\r\n") {
+        Some(at) => {
+            let line = read.split_to(at).freeze();
+            read.advance(2);
+            Ok(Some(line))
+        }
+        None if read.len() > 4096 => Err(LeanError::BadChunk),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::net::TcpListener;
+
+    /// One scripted answer: written in these pieces, a little apart; then the connection is
+    /// closed when `close`.
+    struct Answer {
+        pieces: Vec<&'static [u8]>,
+        close: bool,
+    }
+
+    fn answer(pieces: &[&'static [u8]]) -> Answer {
+        Answer {
+            pieces: pieces.to_vec(),
+            close: false,
+        }
+    }
+
+    fn closing(pieces: &[&'static [u8]]) -> Answer {
+        Answer {
+            pieces: pieces.to_vec(),
+            close: true,
+        }
+    }
+
+    /// A raw upstream giving the answers in order, whatever connection asks; it counts its
+    /// connections and keeps the request heads it read.
+    struct Upstream {
+        addr: std::net::SocketAddr,
+        connections: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn upstream(answers: Vec<Answer>) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
+        let (counted, kept) = (Arc::clone(&connections), Arc::clone(&heads));
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (answers, heads) = (Arc::clone(&answers), Arc::clone(&kept));
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    loop {
+                        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut buf = [0u8; 1024];
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => read.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let end = read.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head: Vec<u8> = read.drain(..end).collect();
+                        heads.lock().unwrap().push(String::from_utf8(head).unwrap());
+                        let Some(answer) = answers.lock().unwrap().pop_front() else {
+                            return;
+                        };
+                        for piece in answer.pieces {
+                            stream.write_all(piece).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if answer.close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            connections,
+            heads,
+        }
+    }
+
+    fn parts(method: Method, addr: std::net::SocketAddr) -> Parts {
+        hyper::Request::builder()
+            .method(method)
+            .uri("/v1/x?q=1")
+            .header(header::HOST, addr.to_string())
+            .header("x-keygate-key-id", "key_1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn pool(addr: std::net::SocketAddr) -> Arc<LeanPool> {
+        Arc::new(LeanPool::new(&format!("http://{addr}").parse().unwrap()).unwrap())
+    }
+
+    async fn call(pool: &Arc<LeanPool>, method: Method) -> Result<(StatusCode, String), String> {
+        let response = pool
+            .send(&parts(method, pool_addr(pool)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8(body.to_vec()).unwrap()))
+    }
+
+    fn pool_addr(pool: &LeanPool) -> std::net::SocketAddr {
+        pool.authority.parse().unwrap()
+    }
+
+    fn idle(pool: &LeanPool) -> usize {
+        pool.idle.lock().unwrap().len()
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn whole_answers_come_back_on_one_kept_connection() {
+        let up = upstream(vec![answer(&[OK]), answer(&[OK]), answer(&[OK])]).await;
+        let pool = pool(up.addr);
+        for _ in 0..3 {
+            assert_eq!(
+                call(&pool, Method::GET).await.unwrap(),
+                (StatusCode::OK, "ok".into())
+            );
+        }
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(idle(&pool), 1);
+        let head = up.heads.lock().unwrap()[0].clone();
+        assert!(head.starts_with("GET /v1/x?q=1 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nx-keygate-key-id: key_1\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\nhost: {}\r\n", up.addr)),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_arriving_in_pieces_is_read_to_its_length_and_the_connection_kept() {
+        let up = upstream(vec![
+            answer(&[
+                b"HTTP/1.1 200 OK\r\ncontent-le",
+                b"ngth: 10\r\n\r\n01234",
+                b"56789",
+            ]),
+            answer(&[OK]),
+        ])
+        .await;
+        let pool = pool(up.addr);
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "0123456789");
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_across_reads_and_trailers_dropped() {
+        let up = upstream(vec![
+            answer(&[
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+                b"lo\r\n6;ext=1\r\n world\r\n0\r\n",
+                b"x-trailer: 1\r\n\r\n",
+            ]),
+            answer(&[OK]),
+        ])
+        .await;
+        let pool = pool(up.addr);
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "hello world");
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_is_read_until_close_and_the_connection_not_kept() {
+        let up = upstream(vec![
+            closing(&[b"HTTP/1.1 200 OK\r\n\r\nabc", b"def"]),
+            answer(&[b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"]),
+            answer(&[OK]),
+        ])
+        .await;
+        let pool = pool(up.addr);
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "abcdef");
+        assert_eq!(idle(&pool), 0);
+        // `Connection: close` from the upstream: not kept either.
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(idle(&pool), 0);
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped_and_head_204_and_304_have_no_body() {
+        let up = upstream(vec![
+            answer(&[
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+            ]),
+            answer(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]),
+            answer(&[b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"]),
+            answer(&[OK]),
+        ])
+        .await;
+        let pool = pool(up.addr);
+        assert_eq!(
+            call(&pool, Method::DELETE).await.unwrap(),
+            (StatusCode::NO_CONTENT, String::new())
+        );
+        assert_eq!(
+            call(&pool, Method::HEAD).await.unwrap(),
+            (StatusCode::OK, String::new())
+        );
+        assert_eq!(
+            call(&pool, Method::GET).await.unwrap(),
+            (StatusCode::NOT_MODIFIED, String::new())
+        );
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_upstream_closed_is_replaced_for_idempotent_requests_only() {
+        // Each answer closes its connection without saying so.
+        let up = upstream(vec![closing(&[OK]), closing(&[OK]), closing(&[OK])]).await;
+        let pool = pool(up.addr);
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(idle(&pool), 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The kept connection is dead: a GET goes again on a new one.
+        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A POST is not sent twice: the upstream might have acted on it.
+        let error = call(&pool, Method::POST).await.unwrap_err();
+        assert!(error.contains("closed the connection"), "{error}");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_post_without_body_says_content_length_zero() {
+        let up = upstream(vec![answer(&[OK])]).await;
+        let pool = pool(up.addr);
+        call(&pool, Method::POST).await.unwrap();
+        let head = up.heads.lock().unwrap()[0].clone();
+        assert!(head.contains("\r\ncontent-length: 0\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        for (bad, expected) in [
+            (&b"HTTX/1.1 200 OK\r\n\r\n"[..], "malformed"),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok",
+                "Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+                "Content-Length",
+            ),
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "101"),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "chunked",
+            ),
+        ] {
+            let up = upstream(vec![closing(&[bad])]).await;
+            let error = call(&pool(up.addr), Method::GET).await.unwrap_err();
+            assert!(error.contains(expected), "{error}");
+        }
+        let up = upstream(vec![closing(&[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort",
+        ])])
+        .await;
+        let error = call(&pool(up.addr), Method::GET).await.unwrap_err();
+        assert!(error.contains("closed the connection"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_upstream() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let error = call(&pool(port), Method::GET).await.unwrap_err();
+        assert!(error.contains(&port.to_string()), "{error}");
+    }
+
+    #[test]
+    fn connection_header_decides_keep_alive_by_version() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            if !value.is_empty() {
+                h.insert(header::CONNECTION, value.parse().unwrap());
+            }
+            h
+        };
+        assert!(keeps_alive(&with(""), false));
+        assert!(!keeps_alive(&with(""), true));
+        assert!(keeps_alive(&with("Keep-Alive"), true));
+        assert!(!keeps_alive(&with("close"), false));
+        assert!(!keeps_alive(&with("x-private, Close"), false));
+        assert!(keeps_alive(&with("x-private, keep-alive"), true));
+    }
+
+    #[test]
+    fn only_bodiless_requests_without_upgrade_are_taken() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        assert!(takes(&parts(Method::GET, addr), true));
+        assert!(!takes(&parts(Method::GET, addr), false));
+        let mut upgrade = parts(Method::GET, addr);
+        upgrade
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!takes(&upgrade, true));
+        assert!(LeanPool::new(&"https://example.com".parse().unwrap()).is_none());
+        assert_eq!(
+            LeanPool::new(&"http://example.com".parse().unwrap())
+                .unwrap()
+                .authority,
+            "example.com:80"
+        );
+    }
+}
