@@ -446,15 +446,15 @@ impl Gateway {
                 .filter(|_| !websocket && upstream::lean::takes(&parts, body.is_end_stream()));
             let result = match lean {
                 Some(lean) => {
-                    let send = async { Ok(lean.send(&parts).await?.map(Either::Right)) };
-                    peer.deadline.within(route.timeout, send).await
+                    let send = async { Ok(lean.send(&parts, started).await?.map(Either::Right)) };
+                    peer.deadline.within(started, route.timeout, send).await
                 }
                 None => {
                     let send = async {
                         let request = Request::from_parts(parts, body);
                         Ok(route.pool.send(request).await?.map(Either::Left))
                     };
-                    peer.deadline.within(route.timeout, send).await
+                    peer.deadline.within(started, route.timeout, send).await
                 }
             };
             self.metrics

@@ -21,14 +21,20 @@ pub(crate) struct Deadline {
 }
 
 impl Deadline {
-    /// `work`'s output, or `None` once `after` has passed first.
+    /// `work`'s output, or `None` once `after` has passed since `start` first.
     ///
     /// A future written by hand rather than an `async fn`: that one kept `work` twice in its
     /// state, as the argument and pinned, and every future around it grew by the size of the
     /// upstream exchange (1,888 bytes instead of 920; the request's future is moved whole into
     /// its box and between awaits).
-    pub(crate) fn within<F: Future>(&self, after: Duration, work: F) -> Within<'_, F> {
-        let at = Instant::now() + after;
+    /// `start` is when the work began, as the caller already read the clock.
+    pub(crate) fn within<F: Future>(
+        &self,
+        start: std::time::Instant,
+        after: Duration,
+        work: F,
+    ) -> Within<'_, F> {
+        let at = Instant::from_std(start) + after;
         let taken = crate::lock(&self.idle).take();
         let timer = match taken {
             Some(mut timer) => {
@@ -89,13 +95,18 @@ mod tests {
     async fn each_request_gets_its_own_full_deadline_on_the_reused_timer() {
         let deadline = Deadline::default();
         let fast = deadline
-            .within(Duration::from_millis(200), async { 1 })
+            .within(
+                std::time::Instant::now(),
+                Duration::from_millis(200),
+                async { 1 },
+            )
             .await;
         assert_eq!(fast, Some(1));
         // The timer is kept, and the next request's deadline counts from its own start.
         tokio::time::sleep(Duration::from_millis(150)).await;
         let slowish = deadline
             .within(
+                std::time::Instant::now(),
                 Duration::from_millis(200),
                 tokio::time::sleep(Duration::from_millis(100)),
             )
@@ -104,6 +115,7 @@ mod tests {
         let started = std::time::Instant::now();
         let slow = deadline
             .within(
+                std::time::Instant::now(),
                 Duration::from_millis(200),
                 tokio::time::sleep(Duration::from_secs(5)),
             )
@@ -118,11 +130,12 @@ mod tests {
     async fn overlapping_requests_each_keep_their_deadline() {
         let deadline = Deadline::default();
         let (long, short) = tokio::join!(
-            deadline.within(Duration::from_secs(5), async {
+            deadline.within(std::time::Instant::now(), Duration::from_secs(5), async {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 "long"
             }),
             deadline.within(
+                std::time::Instant::now(),
                 Duration::from_millis(100),
                 tokio::time::sleep(Duration::from_secs(5)),
             ),

@@ -79,13 +79,14 @@ pub(crate) enum LeanError {
     BadChunk,
 }
 
-/// One kept-alive connection: the socket, what was read past the last response, and the
-/// buffer request heads are written into.
+/// One kept-alive connection: the socket, what was read past the last response, the buffer
+/// request heads are written into, and the header names of the last response.
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
     read: BytesMut,
     head: Vec<u8>,
+    names: Names,
 }
 
 impl Conn {
@@ -135,13 +136,15 @@ impl LeanPool {
 
     /// Sends a request without a body (origin-form target, `Host` set) and reads the head of
     /// its answer. See the module documentation.
+    /// `now` is the clock as the caller read it just before.
     pub(crate) async fn send(
         self: &Arc<Self>,
         parts: &Parts,
+        now: Instant,
     ) -> Result<Response<LeanBody>, UpstreamError> {
         let retry = parts.method.is_idempotent();
         loop {
-            let (mut conn, reused) = match self.take() {
+            let (mut conn, reused) = match self.take(now) {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
@@ -153,7 +156,7 @@ impl LeanPool {
             // switches cost more than the task handing saved (load bench layout, 5 s runs).
             YieldOnce(false).await;
             match exchange(&mut conn).await {
-                Ok(head) => return Ok(self.respond(conn, head, &parts.method)?),
+                Ok(head) => return Ok(self.respond(conn, head, &parts.method, now)?),
                 // Nothing came back on a kept connection: the upstream had closed it.
                 Err(Exchange::Stale(_)) if reused && retry => continue,
                 Err(Exchange::Stale(e) | Exchange::Failed(e)) => return Err(e.into()),
@@ -174,26 +177,25 @@ impl LeanPool {
             stream,
             read: BytesMut::with_capacity(READ_CHUNK),
             head: Vec::with_capacity(512),
+            names: Names::default(),
         })
     }
 
-    fn take(&self) -> Option<Conn> {
+    fn take(&self, now: Instant) -> Option<Conn> {
         let mut idle = crate::lock(&self.idle);
         while let Some(Idle { conn, since }) = idle.pop() {
-            if since.elapsed() < IDLE_FOR {
+            if now.saturating_duration_since(since) < IDLE_FOR {
                 return Some(conn);
             }
         }
         None
     }
 
-    fn give_back(&self, conn: Conn) {
+    /// Keeps a connection, idle since `since`.
+    fn give_back(&self, conn: Conn, since: Instant) {
         let mut idle = crate::lock(&self.idle);
         if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push(Idle { conn, since });
         }
     }
 
@@ -207,6 +209,7 @@ impl LeanPool {
         mut conn: Conn,
         head: Head,
         method: &Method,
+        now: Instant,
     ) -> Result<Response<LeanBody>, LeanError> {
         let no_body = *method == Method::HEAD
             || head.status == StatusCode::NO_CONTENT
@@ -237,7 +240,7 @@ impl LeanPool {
                 let body = conn.read.split_to(n as usize).freeze();
                 // Bytes past the response: the upstream says more than it was asked.
                 if keep && conn.read.is_empty() {
-                    self.give_back(conn);
+                    self.give_back(conn, now);
                 }
                 State::Whole(Some(body).filter(|b| !b.is_empty()))
             }
@@ -306,7 +309,7 @@ async fn exchange(conn: &mut Conn) -> Result<Head, Exchange> {
     let mut received = false;
     loop {
         if !conn.read.is_empty() {
-            match parse_head(&mut conn.read).map_err(Exchange::Failed)? {
+            match parse_head(&mut conn.read, &mut conn.names).map_err(Exchange::Failed)? {
                 Parsed::Final(head) => return Ok(head),
                 Parsed::Informational => continue,
                 Parsed::Partial => {}
@@ -333,9 +336,37 @@ enum Parsed {
     Partial,
 }
 
+/// The header names of a connection's last response, in order, and where the headers of the
+/// one being parsed lie. An upstream sends the same names answer after answer: comparing a
+/// name with the one at its place last time is cheaper than making it again.
+#[derive(Debug, Default)]
+struct Names {
+    last: Vec<HeaderName>,
+    /// Each header's name and the range of its value in the head.
+    parsed: Vec<(HeaderName, usize, usize)>,
+}
+
+impl Names {
+    fn name(&mut self, at: usize, raw: &[u8]) -> Result<HeaderName, LeanError> {
+        if let Some(name) = self.last.get(at)
+            && name.as_str().as_bytes().eq_ignore_ascii_case(raw)
+        {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw)
+            .map_err(|_| LeanError::Malformed(httparse::Error::HeaderName))?;
+        if at < self.last.len() {
+            self.last[at] = name.clone();
+        } else if at == self.last.len() && at < MAX_HEADERS {
+            self.last.push(name.clone());
+        }
+        Ok(name)
+    }
+}
+
 /// Parses a response head at the start of `read`, taking it off when complete. Header
 /// values are slices of the head's bytes, not copies, as hyper makes them.
-fn parse_head(read: &mut BytesMut) -> Result<Parsed, LeanError> {
+fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(read).map_err(LeanError::Malformed)? {
@@ -355,17 +386,16 @@ fn parse_head(read: &mut BytesMut) -> Result<Parsed, LeanError> {
     let http10 = response.version == Some(0);
     // Where each header lies in the head, so that its value can be a slice of it.
     let base = read.as_ptr() as usize;
-    let mut names = Vec::with_capacity(response.headers.len());
-    for h in response.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| LeanError::Malformed(httparse::Error::HeaderName))?;
+    names.parsed.clear();
+    for (at, h) in response.headers.iter().enumerate() {
+        let name = names.name(at, h.name.as_bytes())?;
         let start = h.value.as_ptr() as usize - base;
-        names.push((name, start, start + h.value.len()));
+        names.parsed.push((name, start, start + h.value.len()));
     }
     let head = read.split_to(len).freeze();
     // Room for the rate-limit headers added to most answers, without growing the map.
-    let mut map = HeaderMap::with_capacity(names.len() + 6);
-    for (name, start, end) in names {
+    let mut map = HeaderMap::with_capacity(names.parsed.len() + 6);
+    for (name, start, end) in names.parsed.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| LeanError::Malformed(httparse::Error::HeaderValue))?;
         map.append(name, value);
@@ -483,7 +513,7 @@ impl Streaming {
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.back.take())
             && conn.read.is_empty()
         {
-            pool.give_back(conn);
+            pool.give_back(conn, Instant::now());
         }
     }
 }
@@ -767,7 +797,7 @@ mod tests {
 
     async fn call(pool: &Arc<LeanPool>, method: Method) -> Result<(StatusCode, String), String> {
         let response = pool
-            .send(&parts(method, pool_addr(pool)))
+            .send(&parts(method, pool_addr(pool)), Instant::now())
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();
@@ -958,6 +988,21 @@ mod tests {
             .unwrap();
         let error = call(&pool(port), Method::GET).await.unwrap_err();
         assert!(error.contains(&port.to_string()), "{error}");
+    }
+
+    #[test]
+    fn header_names_are_reused_from_the_last_answer_only_when_they_match() {
+        let mut names = Names::default();
+        let first = names.name(0, b"Content-Type").unwrap();
+        assert_eq!(first, header::CONTENT_TYPE);
+        assert_eq!(
+            names.name(0, b"content-type").unwrap(),
+            header::CONTENT_TYPE
+        );
+        assert_eq!(names.name(0, b"X-Other").unwrap().as_str(), "x-other");
+        assert_eq!(names.name(1, b"date").unwrap(), header::DATE);
+        assert_eq!(names.last.len(), 2);
+        assert!(names.name(0, b"bad name").is_err());
     }
 
     #[test]
