@@ -10,8 +10,9 @@
 //! - with `--big N`, a second keygate whose store holds N keys, all in use;
 //! - hyper alone: this bench's own process, re-run as the least a proxy built on hyper does
 //!   (hyper's HTTP/1 server, each client connection given its own upstream connection through
-//!   hyper's HTTP/1 client, no key, no limit, no log, one thread). It is the ceiling of any
-//!   gateway built on hyper, keygate included, measured in the same run.
+//!   hyper's HTTP/1 client, no key, no limit, no log, one thread): the ceiling of a gateway
+//!   built on hyper's server and client, measured in the same run. keygate sends requests
+//!   without a body through its own exchange instead of hyper's client (`upstream::lean`).
 //!
 //! Each target is driven by wrk (`benches/rotate_keys.lua`: every request the next key, so all
 //! are in use) with fixed connections; runs of all targets are interleaved, so drift hits all

@@ -10,7 +10,8 @@
 //! - `key_state`: each key's per-instance rate-limit windows and pending use, one per key.
 //! - [`store`]: the store trait and its backends; the only place with SQL for keys.
 //! - [`ratelimit`]: the pure sliding-window decision, rate-limit headers, the Redis limiter.
-//! - `upstream`: routing, header rewriting and the pooled upstream client.
+//! - `upstream`: routing, header rewriting, the lean exchange of bodiless requests and the pooled
+//!   hyper client for the rest.
 //! - `usage`: batched last-used writes, never awaited inside a request.
 //! - `problem`: the one table from refusal to status, problem `code` and headers.
 //! - `admin`: the admin API, health and metrics endpoints.

@@ -1,4 +1,5 @@
-//! A route's keep-alive connections to its upstream.
+//! A route's keep-alive connections to its upstream, for the requests the lean exchange does
+//! not take (a body, a WebSocket upgrade, an `https` upstream: see [`super::lean`]).
 //!
 //! hyper's HTTP/1 client connections kept on a stack: a request takes the most recently used
 //! one, and its response body gives it back when it has been read to the end. Compared with
