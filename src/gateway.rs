@@ -19,6 +19,7 @@ use crate::credential::{self, CarriedBy, CredentialError};
 use crate::error_chain;
 use crate::key::Status;
 use crate::key_state::KeyStates;
+use crate::logging::{self, AccessLine};
 use crate::metrics::{Metrics, StoreOp};
 use crate::problem::{GatewayError, Outcome};
 use crate::ratelimit::{FailedAuthLimiter, GlobalLimiter, Limits, RateHeaders, Verdict};
@@ -187,13 +188,28 @@ impl Gateway {
                     cause = %error_chain(e),
                     "request"
                 ),
-                _ => tracing::info!(
-                    target: "keygate::access",
-                    route, method = method.as_str(), status = response.status().as_u16(),
-                    outcome = outcome.as_str(), key_id, client_ip,
-                    latency_us = elapsed.as_micros() as u64,
-                    "request"
-                ),
+                _ if tracing::enabled!(target: "keygate::access", tracing::Level::INFO) => {
+                    let line = AccessLine {
+                        route,
+                        method: method.as_str(),
+                        status: response.status().as_u16(),
+                        outcome: outcome.as_str(),
+                        key_id,
+                        client_ip,
+                        latency_us: elapsed.as_micros() as u64,
+                    };
+                    // Straight to the log when the binary set that up; else an event.
+                    if !logging::access(&line) {
+                        tracing::info!(
+                            target: "keygate::access",
+                            route, method = line.method, status = line.status,
+                            outcome = line.outcome, key_id, client_ip,
+                            latency_us = line.latency_us,
+                            "request"
+                        );
+                    }
+                }
+                _ => {}
             }
             response
         }

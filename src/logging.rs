@@ -10,14 +10,14 @@
 //! [`FLUSH_EVERY`] of access lines.
 
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 mod format;
-pub use format::LogFormat;
+pub use format::{AccessLine, LogFormat};
 
 /// The target of the one-line-per-request events (`gateway`).
 pub const ACCESS_TARGET: &str = "keygate::access";
@@ -29,9 +29,17 @@ pub const FLUSH_AT: usize = 32 * 1024;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// A `MakeWriter` that batches INFO access lines (and nothing else) in front of `W`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BatchedLog<W> {
     shared: Arc<Shared<W>>,
+}
+
+impl<W> Clone for BatchedLog<W> {
+    fn clone(&self) -> Self {
+        BatchedLog {
+            shared: Arc::clone(&self.shared),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -83,6 +91,40 @@ impl<W: Write + Send + 'static> BatchedLog<W> {
             thread,
         };
         (BatchedLog { shared }, guard)
+    }
+}
+
+/// Where access lines go when they bypass `tracing`: see [`install_access`].
+type AccessSink = Box<dyn Fn(&AccessLine<'_>) + Send + Sync>;
+
+static ACCESS: OnceLock<AccessSink> = OnceLock::new();
+
+/// Writes access lines straight into `log`, batched, in `format`, without going through
+/// `tracing` ([`LogFormat::write_access`] makes the line the event would have made). They are
+/// still filtered as the event would be (`RUST_LOG=keygate::access=off`). Until this is called,
+/// as in tests serving in-process, access lines are `tracing` events like any other.
+pub fn install_access<W: Write + Send + 'static>(format: LogFormat, log: BatchedLog<W>) {
+    let _ = ACCESS.set(Box::new(move |line| {
+        format::with_line(|w| {
+            if format.write_access(w, line).is_ok() {
+                let mut out = Line {
+                    shared: &log.shared,
+                    batched: true,
+                };
+                let _ = out.write_all(w.as_bytes());
+            }
+        });
+    }));
+}
+
+/// Writes one access line through the installed sink; `false` when none is installed.
+pub(crate) fn access(line: &AccessLine<'_>) -> bool {
+    match ACCESS.get() {
+        Some(write) => {
+            write(line);
+            true
+        }
+        None => false,
     }
 }
 

@@ -27,6 +27,7 @@ static ALLOCATOR: keygate_alloc::MiMalloc = keygate_alloc::MiMalloc;
 fn init_logging(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = BatchedLog::new(std::io::stderr());
+    keygate::logging::install_access(format, writer.clone());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
