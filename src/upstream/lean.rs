@@ -32,16 +32,10 @@ use hyper::{Method, Response, StatusCode, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::pool::UpstreamError;
+use super::pool::{IDLE_FOR, MAX_IDLE, UpstreamError};
 
 /// How long connecting may take, as for hyper's connector.
 const CONNECT_TIMEOUT: Duration = super::CONNECT_TIMEOUT;
-
-/// How long an idle connection is kept.
-const IDLE_FOR: Duration = Duration::from_secs(90);
-
-/// Idle connections kept per route.
-const MAX_IDLE: usize = 1024;
 
 /// A response head larger than this is refused (nginx's `proxy_buffer_size` is 4-8 KiB).
 const MAX_HEAD: usize = 64 * 1024;
@@ -842,37 +836,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_arriving_in_pieces_is_read_to_its_length_and_the_connection_kept() {
-        let up = upstream(vec![
-            answer(&[
-                b"HTTP/1.1 200 OK\r\ncontent-le",
-                b"ngth: 10\r\n\r\n01234",
-                b"56789",
-            ]),
-            answer(&[OK]),
-        ])
-        .await;
-        let pool = pool(up.addr);
-        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "0123456789");
-        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
-        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn chunked_bodies_are_decoded_across_reads_and_trailers_dropped() {
-        let up = upstream(vec![
-            answer(&[
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
-                b"lo\r\n6;ext=1\r\n world\r\n0\r\n",
-                b"x-trailer: 1\r\n\r\n",
-            ]),
-            answer(&[OK]),
-        ])
-        .await;
-        let pool = pool(up.addr);
-        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "hello world");
-        assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
-        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    async fn bodies_arriving_in_pieces_are_read_whole_and_the_connection_kept() {
+        let by_length: &[&'static [u8]] = &[
+            b"HTTP/1.1 200 OK\r\ncontent-le",
+            b"ngth: 10\r\n\r\n01234",
+            b"56789",
+        ];
+        // Chunk extensions ignored, trailers read and dropped.
+        let chunked: &[&'static [u8]] = &[
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            b"lo\r\n6;ext=1\r\n world\r\n0\r\n",
+            b"x-trailer: 1\r\n\r\n",
+        ];
+        for (pieces, body) in [(by_length, "0123456789"), (chunked, "hello world")] {
+            let up = upstream(vec![answer(pieces), answer(&[OK])]).await;
+            let pool = pool(up.addr);
+            assert_eq!(call(&pool, Method::GET).await.unwrap().1, body);
+            assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
+            assert_eq!(up.connections.load(Ordering::SeqCst), 1, "{body}");
+        }
     }
 
     #[tokio::test]

@@ -26,10 +26,10 @@ use tower_service::Service;
 pub(crate) type UpstreamError = Box<dyn StdError + Send + Sync>;
 
 /// How long an idle connection is kept; the upstream may close it sooner, which is noticed.
-const IDLE_FOR: Duration = Duration::from_secs(90);
+pub(super) const IDLE_FOR: Duration = Duration::from_secs(90);
 
 /// Idle connections kept per route; more are closed when they come back.
-const MAX_IDLE: usize = 1024;
+pub(super) const MAX_IDLE: usize = 1024;
 
 #[derive(Debug)]
 struct Idle<B> {
