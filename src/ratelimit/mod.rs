@@ -170,6 +170,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rate_headers_carry_the_numbers_within_and_past_the_table() {
+        for (remaining, reset) in [(87, 42), (999_999_913, 59), (3, 86_400), (1024, 1023)] {
+            let headers = RateHeaders {
+                remaining,
+                reset,
+                ..RateHeaders::for_test()
+            };
+            let mut map = HeaderMap::new();
+            headers.apply(&mut map);
+            let get = |name: &str| map.get(name).unwrap().to_str().unwrap().to_string();
+            assert_eq!(
+                get("ratelimit"),
+                format!("\"minute\";r={remaining};t={reset}")
+            );
+            assert_eq!(get("x-ratelimit-remaining"), remaining.to_string());
+            assert_eq!(get("x-ratelimit-reset"), reset.to_string());
+            assert_eq!(get("x-ratelimit-limit"), "100");
+            assert_eq!(
+                get("ratelimit-policy"),
+                "\"minute\";q=100;w=60, \"second\";q=10;w=1"
+            );
+        }
+    }
+
+    #[test]
     fn numbers_read_the_same_from_the_table_and_beyond_it() {
         for n in [
             0,
