@@ -189,7 +189,7 @@ impl Gateway {
                     "request"
                 ),
                 _ if tracing::enabled!(target: "keygate::access", tracing::Level::INFO) => {
-                    let line = AccessLine {
+                    logging::access(&AccessLine {
                         route,
                         method: method.as_str(),
                         status: response.status().as_u16(),
@@ -197,17 +197,7 @@ impl Gateway {
                         key_id,
                         client_ip,
                         latency_us: elapsed.as_micros() as u64,
-                    };
-                    // Straight to the log when the binary set that up; else an event.
-                    if !logging::access(&line) {
-                        tracing::info!(
-                            target: "keygate::access",
-                            route, method = line.method, status = line.status,
-                            outcome = line.outcome, key_id, client_ip,
-                            latency_us = line.latency_us,
-                            "request"
-                        );
-                    }
+                    });
                 }
                 _ => {}
             }
@@ -459,7 +449,7 @@ impl Gateway {
             let lean = route
                 .lean
                 .as_ref()
-                .filter(|_| !websocket && upstream::lean::takes(&parts, body.is_end_stream()));
+                .filter(|_| upstream::lean::takes(&parts, body.is_end_stream()));
             let result = match lean {
                 Some(lean) => {
                     let send = async { Ok(lean.send(&parts, started).await?.map(Either::Right)) };

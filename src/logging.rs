@@ -117,15 +117,24 @@ pub fn install_access<W: Write + Send + 'static>(format: LogFormat, log: Batched
     }));
 }
 
-/// Writes one access line through the installed sink; `false` when none is installed.
-pub(crate) fn access(line: &AccessLine<'_>) -> bool {
+/// Logs one access line: through the installed sink, else as a `tracing` event. The caller
+/// checks first that `keygate::access` is enabled at INFO.
+pub(crate) fn access(line: &AccessLine<'_>) {
     match ACCESS.get() {
-        Some(write) => {
-            write(line);
-            true
-        }
-        None => false,
+        Some(write) => write(line),
+        None => access_event(line),
     }
+}
+
+/// The access line as a `tracing` event; [`LogFormat::write_access`] writes the same line.
+pub(crate) fn access_event(line: &AccessLine<'_>) {
+    tracing::info!(
+        target: "keygate::access",
+        route = line.route, method = line.method, status = line.status,
+        outcome = line.outcome, key_id = line.key_id, client_ip = line.client_ip,
+        latency_us = line.latency_us,
+        "request"
+    );
 }
 
 impl<W: Write> Shared<W> {

@@ -356,14 +356,9 @@ mod tests {
         sink.text().lines().map(str::to_string).collect()
     }
 
+    /// The access event as the gateway logs it without the direct sink.
     fn access_line() {
-        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
-        tracing::info!(
-            target: "keygate::access",
-            route = "api", method = "GET", status = 200u16, outcome = "forwarded",
-            key_id = "key_1", client_ip = %ip, latency_us = 512u64,
-            "request"
-        );
+        crate::logging::access_event(&ACCESS);
     }
 
     /// What `access_line` says, for the direct writer.

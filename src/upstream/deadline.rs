@@ -21,13 +21,13 @@ pub(crate) struct Deadline {
 }
 
 impl Deadline {
-    /// `work`'s output, or `None` once `after` has passed since `start` first.
+    /// `work`'s output, or `None` once `after` has passed since `start` first. `start` is a
+    /// clock reading the caller already made, when the work began.
     ///
     /// A future written by hand rather than an `async fn`: that one kept `work` twice in its
     /// state, as the argument and pinned, and every future around it grew by the size of the
     /// upstream exchange (1,888 bytes instead of 920; the request's future is moved whole into
     /// its box and between awaits).
-    /// `start` is when the work began, as the caller already read the clock.
     pub(crate) fn within<F: Future>(
         &self,
         start: std::time::Instant,

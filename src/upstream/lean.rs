@@ -115,12 +115,11 @@ pub(crate) struct LeanPool {
     idle: Mutex<Vec<Idle>>,
 }
 
-/// Whether a request goes through [`LeanPool::send`]: it has no body and asks for no upgrade.
+/// Whether a request, its hop-by-hop headers already removed, goes through
+/// [`LeanPool::send`]: it has no body and asks for no upgrade (a WebSocket handshake has its
+/// `Upgrade` back by then).
 pub(crate) fn takes(parts: &Parts, body_is_empty: bool) -> bool {
-    body_is_empty
-        && parts.method != Method::CONNECT
-        && !parts.headers.contains_key(header::UPGRADE)
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+    body_is_empty && parts.method != Method::CONNECT && !parts.headers.contains_key(header::UPGRADE)
 }
 
 impl LeanPool {
@@ -413,22 +412,8 @@ fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanErro
 /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
 /// `Connection: keep-alive`.
 fn keeps_alive(headers: &HeaderMap, http10: bool) -> bool {
-    let (mut keep_alive, mut close) = (false, false);
-    for value in headers.get_all(header::CONNECTION) {
-        // Nearly always one word; a list is split.
-        let v = value.as_bytes();
-        if v.eq_ignore_ascii_case(b"keep-alive") {
-            keep_alive = true;
-        } else if v.eq_ignore_ascii_case(b"close") {
-            close = true;
-        } else {
-            for token in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                close |= token.eq_ignore_ascii_case(b"close");
-            }
-        }
-    }
-    !close && (keep_alive || !http10)
+    let says = |token| super::lists(headers, &header::CONNECTION, token);
+    !says("close") && (!http10 || says("keep-alive"))
 }
 
 fn last_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {

@@ -112,16 +112,22 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// A WebSocket handshake (RFC 6455 §4.1): GET over HTTP/1.1 with `Upgrade: websocket` and
 /// `Connection: upgrade`. Other upgrades (h2c, TLS) are hop-by-hop and dropped as such.
 pub(crate) fn is_websocket_upgrade<B>(req: &hyper::Request<B>) -> bool {
-    let lists = |name: header::HeaderName, token: &str| {
-        req.headers().get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
     req.method() == hyper::Method::GET
         && req.version() == hyper::Version::HTTP_11
-        && lists(header::UPGRADE, "websocket")
-        && lists(header::CONNECTION, "upgrade")
+        && lists(req.headers(), &header::UPGRADE, "websocket")
+        && lists(req.headers(), &header::CONNECTION, "upgrade")
+}
+
+/// Whether a comma-separated header (`Connection`, `Upgrade`) lists `token`, in any case.
+/// A value that is the token alone, as it nearly always is, is not split.
+pub(crate) fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    let token = token.as_bytes();
+    headers.get_all(name).iter().any(|v| {
+        let v = v.as_bytes();
+        v.eq_ignore_ascii_case(token)
+            || v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
 }
 
 /// Puts back the two headers of a WebSocket handshake after the hop-by-hop ones were removed.
