@@ -1,6 +1,7 @@
 //! The data plane: one request from arrival to answer, as a straight pipeline
 //! route → credential → key (cache, then store) → status → usage → rate limit → forward.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use crate::metrics::{Metrics, StoreOp};
 use crate::problem::{GatewayError, Outcome};
 use crate::ratelimit::{FailedAuthLimiter, GlobalLimiter, Limits, RateHeaders, Verdict};
 use crate::store::{Store, StoreError, StoreHealth};
-use crate::upstream::{self, Deadline, LeanBody, PooledBody, Route, Router};
+use crate::upstream::{self, Deadline, HopByHop, LeanBody, PooledBody, Rewrite, Route, Router};
 use crate::usage::UsageRecorder;
 
 /// What the data plane answers with: the upstream's body (through hyper's client or the lean
@@ -36,6 +37,11 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
+static HOST: HeaderName = header::HOST;
+static AUTHORIZATION: HeaderName = header::AUTHORIZATION;
+static X_API_KEY: HeaderName = credential::X_API_KEY;
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// Everything one gateway instance shares across requests. Built once at start-up.
 #[derive(Debug)]
@@ -419,8 +425,8 @@ impl Gateway {
             let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();
             // The client's Host moves to X-Forwarded-Host; the upstream gets its own, as Kong does.
-            let original_host = match parts.headers.remove(header::HOST) {
-                Some(host) => Some(host),
+            let original_host = match parts.headers.get(header::HOST) {
+                Some(host) => Some(host.clone()),
                 None => parts
                     .uri
                     .authority()
@@ -430,20 +436,15 @@ impl Gateway {
                 .upstream_uri(&parts.uri)
                 .map_err(|_| GatewayError::BadRequest("The request target cannot be forwarded."))?;
             parts.version = Version::HTTP_11;
-            self.rewrite_request_headers(
-                &mut parts.headers,
+            let rewrite = self.rewrite(
+                &parts.headers,
+                route,
                 key,
                 carried,
                 peer,
                 tls,
                 original_host,
             );
-            parts
-                .headers
-                .insert(header::HOST, route.host_header.clone());
-            if websocket {
-                upstream::keep_websocket_upgrade(&mut parts.headers);
-            }
 
             let started = Instant::now();
             let lean = route
@@ -452,10 +453,19 @@ impl Gateway {
                 .filter(|_| upstream::lean::takes(&parts, body.is_end_stream()));
             let result = match lean {
                 Some(lean) => {
-                    let send = async { Ok(lean.send(&parts, started).await?.map(Either::Right)) };
+                    let send = async {
+                        Ok(lean
+                            .send(&parts, &rewrite, started)
+                            .await?
+                            .map(Either::Right))
+                    };
                     peer.deadline.within(started, route.timeout, send).await
                 }
                 None => {
+                    rewrite.apply(&mut parts.headers);
+                    if websocket {
+                        upstream::keep_websocket_upgrade(&mut parts.headers);
+                    }
                     let send = async {
                         let request = Request::from_parts(parts, body);
                         Ok(route.pool.send(request).await?.map(Either::Left))
@@ -487,38 +497,24 @@ impl Gateway {
         }
     }
 
-    /// SPEC §3 "Allowed requests": what the upstream may rely on.
-    fn rewrite_request_headers(
+    /// SPEC §3 "Allowed requests": what the upstream may rely on. The hop-by-hop headers and
+    /// the credential go, as do `X-Keygate-*` the client sent, so upstreams can trust the ones
+    /// set here; `X-Forwarded-*`, `X-Keygate-*` and `Host` are the gateway's.
+    #[expect(clippy::too_many_arguments, reason = "each is one input of the rule")]
+    fn rewrite<'a>(
         &self,
-        headers: &mut HeaderMap,
-        key: Option<&CachedKey>,
+        headers: &HeaderMap,
+        route: &'a Route,
+        key: Option<&'a CachedKey>,
         carried: Option<CarriedBy>,
-        peer: &Peer,
+        peer: &'a Peer,
         tls: bool,
         original_host: Option<HeaderValue>,
-    ) {
-        upstream::remove_hop_by_hop(headers);
-        if let Some(carried) = carried {
-            if carried.x_api_key {
-                headers.remove(credential::X_API_KEY);
-            }
-            if carried.authorization {
-                headers.remove(header::AUTHORIZATION);
-            }
-        }
-        // Client-sent X-Keygate-* go first, so upstreams can trust the ones we add.
-        if headers.keys().any(is_keygate_header) {
-            let forged: Vec<HeaderName> = headers
-                .keys()
-                .filter(|n| is_keygate_header(n))
-                .cloned()
-                .collect();
-            for name in forged {
-                headers.remove(name);
-            }
-        }
-        // X-Forwarded-*, X-Keygate-* and Host: one growth of the map, not one per insert.
-        headers.reserve(6);
+    ) -> Rewrite<'a> {
+        let carried = carried.unwrap_or(CarriedBy {
+            x_api_key: false,
+            authorization: false,
+        });
         let forwarded_for = if self.is_trusted(peer.ip()) {
             let mut chain: Vec<&str> = headers
                 .get_all(&X_FORWARDED_FOR)
@@ -526,23 +522,28 @@ impl Gateway {
                 .filter_map(|v| v.to_str().ok())
                 .collect();
             chain.push(peer.ip_str());
-            HeaderValue::from_str(&chain.join(", ")).ok()
+            HeaderValue::from_str(&chain.join(", "))
+                .ok()
+                .map(Cow::Owned)
         } else {
-            Some(peer.ip_text.clone())
+            Some(Cow::Borrowed(&peer.ip_text))
         };
-        if let Some(value) = forwarded_for {
-            headers.insert(X_FORWARDED_FOR.clone(), value);
-        }
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        );
-        if let Some(host) = original_host {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        if let Some(key) = key {
-            headers.insert(X_KEYGATE_KEY_ID.clone(), key.id_header.clone());
-            headers.insert(X_KEYGATE_OWNER.clone(), key.profile.owner_header.clone());
+        let proto = if tls { &HTTPS } else { &HTTP };
+        Rewrite {
+            hop_by_hop: HopByHop::of(headers),
+            dropped: [
+                carried.x_api_key.then_some(&X_API_KEY),
+                carried.authorization.then_some(&AUTHORIZATION),
+            ],
+            dropped_prefix: "x-keygate-",
+            set: [
+                forwarded_for.map(|v| (&X_FORWARDED_FOR, v)),
+                Some((&X_FORWARDED_PROTO, Cow::Borrowed(proto))),
+                original_host.map(|v| (&X_FORWARDED_HOST, Cow::Owned(v))),
+                key.map(|k| (&X_KEYGATE_KEY_ID, Cow::Borrowed(&k.id_header))),
+                key.map(|k| (&X_KEYGATE_OWNER, Cow::Borrowed(&k.profile.owner_header))),
+                Some((&HOST, Cow::Borrowed(&route.host_header))),
+            ],
         }
     }
 
@@ -578,10 +579,6 @@ impl Gateway {
         }
         client
     }
-}
-
-fn is_keygate_header(name: &HeaderName) -> bool {
-    name.as_str().starts_with("x-keygate-")
 }
 
 /// The host a request is for: the URI authority (HTTP/2, absolute form) or `Host`.

@@ -70,6 +70,7 @@ async fn every_bad_credential_gets_401_with_its_code() {
 
 /// The upstream sees the request as sent, minus the credential and hop-by-hop headers, plus
 /// trustworthy X-Keygate-* and X-Forwarded-* headers; the client sees rate-limit headers.
+/// The same with a body (through hyper's client) and without one (the lean exchange).
 #[tokio::test]
 async fn forwarding_rewrites_exactly_what_the_spec_says() {
     let upstream = Upstream::start().await;
@@ -78,54 +79,63 @@ async fn forwarding_rewrites_exactly_what_the_spec_says() {
         .create_key(json!({"name": "forwarder", "owner": "team-b"}))
         .await;
 
-    let response = gw
-        .http
-        .post(gw.url("/orders/42?expand=items&x=%20y"))
-        .header("authorization", format!("Bearer {secret}"))
-        .header("x-keygate-key-id", "forged")
-        .header("X-Keygate-Admin", "true")
-        .header("x-forwarded-for", "203.0.113.9")
-        .header("connection", "x-private")
-        .header("x-private", "secret-hop")
-        .header("x-end-to-end", "kept")
-        .header("host", "api.example.com")
-        .body("hello body")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.headers()["ratelimit-policy"],
-        "\"minute\";q=100;w=60, \"second\";q=10;w=1"
-    );
-    assert_eq!(response.headers()["x-ratelimit-limit"], "100");
-    assert_eq!(response.headers()["x-ratelimit-remaining"], "99");
-    assert!(
-        response.headers()["ratelimit"]
-            .to_str()
-            .unwrap()
-            .starts_with("\"minute\";r=99;t=")
-    );
-    let seen: Value = response.json().await.unwrap();
-    let h = &seen["headers"];
-    assert_eq!(seen["method"], "POST");
-    assert_eq!(seen["path"], "/orders/42");
-    assert_eq!(seen["query"], "expand=items&x=%20y");
-    assert_eq!(seen["body_bytes"], 10);
-    assert!(
-        h.get("authorization").is_none(),
-        "credential forwarded: {h}"
-    );
-    assert_eq!(h["x-keygate-key-id"], json!([key["id"]]));
-    assert_eq!(h["x-keygate-owner"], json!(["team-b"]));
-    assert!(h.get("x-keygate-admin").is_none());
-    assert!(h.get("x-private").is_none() && h.get("connection").is_none());
-    assert_eq!(h["x-end-to-end"], json!(["kept"]));
-    // The peer is not a trusted proxy: its X-Forwarded-For is replaced, not believed.
-    assert_eq!(h["x-forwarded-for"], json!(["127.0.0.1"]));
-    assert_eq!(h["x-forwarded-proto"], json!(["http"]));
-    assert_eq!(h["x-forwarded-host"], json!(["api.example.com"]));
-    assert_eq!(h["host"], json!([upstream.addr.to_string()]));
+    for (method, body, remaining) in [("POST", "hello body", 99), ("GET", "", 98)] {
+        let mut request = gw.http.request(
+            method.parse().unwrap(),
+            gw.url("/orders/42?expand=items&x=%20y"),
+        );
+        if !body.is_empty() {
+            request = request.body(body);
+        }
+        let response = request
+            .header("authorization", format!("Bearer {secret}"))
+            .header("x-keygate-key-id", "forged")
+            .header("X-Keygate-Admin", "true")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("connection", "x-private")
+            .header("x-private", "secret-hop")
+            .header("x-end-to-end", "kept")
+            .header("host", "api.example.com")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["ratelimit-policy"],
+            "\"minute\";q=100;w=60, \"second\";q=10;w=1"
+        );
+        assert_eq!(response.headers()["x-ratelimit-limit"], "100");
+        assert_eq!(
+            response.headers()["x-ratelimit-remaining"],
+            remaining.to_string().as_str()
+        );
+        assert!(
+            response.headers()["ratelimit"]
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("\"minute\";r={remaining};t="))
+        );
+        let seen: Value = response.json().await.unwrap();
+        let h = &seen["headers"];
+        assert_eq!(seen["method"], method);
+        assert_eq!(seen["path"], "/orders/42");
+        assert_eq!(seen["query"], "expand=items&x=%20y");
+        assert_eq!(seen["body_bytes"], body.len());
+        assert!(
+            h.get("authorization").is_none(),
+            "credential forwarded: {h}"
+        );
+        assert_eq!(h["x-keygate-key-id"], json!([key["id"]]), "{method}");
+        assert_eq!(h["x-keygate-owner"], json!(["team-b"]));
+        assert!(h.get("x-keygate-admin").is_none());
+        assert!(h.get("x-private").is_none() && h.get("connection").is_none());
+        assert_eq!(h["x-end-to-end"], json!(["kept"]));
+        // The peer is not a trusted proxy: its X-Forwarded-For is replaced, not believed.
+        assert_eq!(h["x-forwarded-for"], json!(["127.0.0.1"]));
+        assert_eq!(h["x-forwarded-proto"], json!(["http"]));
+        assert_eq!(h["x-forwarded-host"], json!(["api.example.com"]));
+        assert_eq!(h["host"], json!([upstream.addr.to_string()]));
+    }
 
     // X-API-Key is removed the same way.
     let seen: Value = gw.call_with_key("/", &secret).await.json().await.unwrap();

@@ -32,6 +32,7 @@ use hyper::{Method, Response, StatusCode, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::Rewrite;
 use super::pool::{IDLE_FOR, MAX_IDLE, UpstreamError};
 
 /// How long connecting may take, as for hyper's connector.
@@ -115,9 +116,7 @@ pub(crate) struct LeanPool {
     idle: Mutex<Vec<Idle>>,
 }
 
-/// Whether a request, its hop-by-hop headers already removed, goes through
-/// [`LeanPool::send`]: it has no body and asks for no upgrade (a WebSocket handshake has its
-/// `Upgrade` back by then).
+/// Whether a request goes through [`LeanPool::send`]: it has no body and asks for no upgrade.
 pub(crate) fn takes(parts: &Parts, body_is_empty: bool) -> bool {
     body_is_empty && parts.method != Method::CONNECT && !parts.headers.contains_key(header::UPGRADE)
 }
@@ -136,12 +135,13 @@ impl LeanPool {
         })
     }
 
-    /// Sends a request without a body (origin-form target, `Host` set) and reads the head of
-    /// its answer. See the module documentation.
+    /// Sends a request without a body (origin-form target), its headers as `rewrite` makes
+    /// them, and reads the head of its answer. See the module documentation.
     /// `now` is the clock as the caller read it just before.
     pub(crate) async fn send(
         self: &Arc<Self>,
         parts: &Parts,
+        rewrite: &Rewrite<'_>,
         now: Instant,
     ) -> Result<Response<LeanBody>, UpstreamError> {
         let retry = parts.method.is_idempotent();
@@ -150,7 +150,7 @@ impl LeanPool {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            encode(&mut conn.head, parts);
+            encode(&mut conn.head, parts, rewrite);
             // The head is written once the tasks already ready have run, as it was when
             // hyper's connection task wrote it: the writes of requests that arrived together
             // go out together, and an upstream on the same core wakes once for them, not once
@@ -448,15 +448,17 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, LeanError> {
     Ok(length)
 }
 
-/// Writes the head of a request without a body: request line, then each header as it is.
-fn encode(out: &mut Vec<u8>, parts: &Parts) {
+/// Writes the head of a request without a body: request line, the client's headers the
+/// upstream keeps, then those the gateway sets.
+fn encode(out: &mut Vec<u8>, parts: &Parts, rewrite: &Rewrite<'_>) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    let kept = parts.headers.iter().filter(|(name, _)| rewrite.keeps(name));
+    for (name, value) in kept.chain(rewrite.set()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -685,6 +687,7 @@ fn line(read: &mut BytesMut) -> Result<Option<Bytes>, LeanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -766,16 +769,48 @@ mod tests {
         }
     }
 
-    fn parts(method: Method, addr: std::net::SocketAddr) -> Parts {
+    /// A request as a client sent it: its own Host, the credential, a forged gateway header,
+    /// a hop-by-hop one and one for the upstream.
+    fn parts(method: Method) -> Parts {
         hyper::Request::builder()
             .method(method)
             .uri("/v1/x?q=1")
-            .header(header::HOST, addr.to_string())
-            .header("x-keygate-key-id", "key_1")
+            .header(header::HOST, "gw.example")
+            .header("x-api-key", "kg_secret")
+            .header("x-keygate-key-id", "forged")
+            .header(header::CONNECTION, "keep-alive")
+            .header(header::USER_AGENT, "test")
             .body(())
             .unwrap()
             .into_parts()
             .0
+    }
+
+    static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+    static HOST: HeaderName = header::HOST;
+
+    /// What the gateway does to such a request for an upstream at `addr`.
+    fn rewrite(parts: &Parts, addr: std::net::SocketAddr) -> Rewrite<'static> {
+        Rewrite {
+            hop_by_hop: super::super::HopByHop::of(&parts.headers),
+            dropped: [Some(&X_API_KEY), None],
+            dropped_prefix: "x-keygate-",
+            set: [
+                Some((
+                    &X_KEYGATE_KEY_ID,
+                    Cow::Owned(HeaderValue::from_static("key_1")),
+                )),
+                Some((
+                    &HOST,
+                    Cow::Owned(HeaderValue::from_str(&addr.to_string()).unwrap()),
+                )),
+                None,
+                None,
+                None,
+                None,
+            ],
+        }
     }
 
     fn pool(addr: std::net::SocketAddr) -> Arc<LeanPool> {
@@ -783,8 +818,9 @@ mod tests {
     }
 
     async fn call(pool: &Arc<LeanPool>, method: Method) -> Result<(StatusCode, String), String> {
+        let parts = parts(method);
         let response = pool
-            .send(&parts(method, pool_addr(pool)), Instant::now())
+            .send(&parts, &rewrite(&parts, pool_addr(pool)), Instant::now())
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();
@@ -820,11 +856,14 @@ mod tests {
         assert_eq!(up.connections.load(Ordering::SeqCst), 1);
         assert_eq!(idle(&pool), 1);
         let head = up.heads.lock().unwrap()[0].clone();
-        assert!(head.starts_with("GET /v1/x?q=1 HTTP/1.1\r\n"), "{head}");
-        assert!(head.contains("\r\nx-keygate-key-id: key_1\r\n"), "{head}");
-        assert!(
-            head.contains(&format!("\r\nhost: {}\r\n", up.addr)),
-            "{head}"
+        // The client's headers the upstream keeps, then the gateway's, each once.
+        assert_eq!(
+            head,
+            format!(
+                "GET /v1/x?q=1 HTTP/1.1\r\nuser-agent: test\r\nx-keygate-key-id: key_1\r\n\
+                 host: {}\r\n\r\n",
+                up.addr
+            )
         );
     }
 
@@ -1020,10 +1059,10 @@ mod tests {
 
     #[test]
     fn only_bodiless_requests_without_upgrade_are_taken() {
-        let addr = "127.0.0.1:1".parse().unwrap();
-        assert!(takes(&parts(Method::GET, addr), true));
-        assert!(!takes(&parts(Method::GET, addr), false));
-        let mut upgrade = parts(Method::GET, addr);
+        assert!(takes(&parts(Method::GET), true));
+        assert!(!takes(&parts(Method::GET), false));
+        assert!(!takes(&parts(Method::CONNECT), true));
+        let mut upgrade = parts(Method::GET);
         upgrade
             .headers
             .insert(header::UPGRADE, HeaderValue::from_static("h2c"));

@@ -8,6 +8,7 @@ pub(crate) use deadline::Deadline;
 pub(crate) use lean::{LeanBody, LeanPool};
 pub(crate) use pool::{Pool, PooledBody};
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,55 +57,134 @@ fn may_be_hop_by_hop(name: &HeaderName) -> bool {
     matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 19)
 }
 
+/// The hop-by-hop headers of one message: which of [`HOP_BY_HOP`] it has, and the names its
+/// `Connection` lists besides (nearly always none: `keep-alive` and `close` name no header).
+#[derive(Debug, Default)]
+pub(crate) struct HopByHop {
+    /// Bit `i` set: the message has `HOP_BY_HOP[i]`.
+    present: u8,
+    listed: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    pub(crate) fn of(headers: &HeaderMap) -> HopByHop {
+        // One pass over the few headers a message has: most requests carry none, most
+        // responses only `Connection: keep-alive`.
+        let mut present = 0u8;
+        for name in headers.keys() {
+            if may_be_hop_by_hop(name)
+                && let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
+            {
+                present |= 1 << i;
+            }
+        }
+        // `HOP_BY_HOP[0]` is `Connection`.
+        let names_headers = |v: &HeaderValue| {
+            let v = v.as_bytes();
+            !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close")
+        };
+        let listed = if present & 1 != 0
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(names_headers)
+        {
+            // Parsed only for names not dropped anyway: `keep-alive` and `close` allocate
+            // nothing.
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|name| {
+                    !name.eq_ignore_ascii_case("close")
+                        && !HOP_BY_HOP
+                            .iter()
+                            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+                })
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        HopByHop { present, listed }
+    }
+
+    /// Whether `name`, a header of the message this was made of, is hop-by-hop.
+    pub(crate) fn contains(&self, name: &HeaderName) -> bool {
+        (self.present != 0 && may_be_hop_by_hop(name) && HOP_BY_HOP.contains(name))
+            || self.listed.contains(name)
+    }
+
+    fn remove_from(self, headers: &mut HeaderMap) {
+        for name in self.listed {
+            headers.remove(name);
+        }
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if self.present & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few headers a message has, noting which hop-by-hop ones are there:
-    // most requests carry none, most responses only `Connection: keep-alive`.
-    let mut present = 0u8;
-    for name in headers.keys() {
-        if may_be_hop_by_hop(name)
-            && let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
-        {
-            present |= 1 << i;
+    let hop_by_hop = HopByHop::of(headers);
+    if hop_by_hop.present != 0 {
+        hop_by_hop.remove_from(headers);
+    }
+}
+
+/// How a request's headers become the upstream's: some of the client's dropped, some set by
+/// the gateway in place of any the client sent under the same name (SPEC §3 "Allowed
+/// requests" says which). The lean exchange writes the upstream's head by it, leaving the
+/// request's map as it came: no removal and no insert, each a hash of the name. hyper's
+/// client gets the map rewritten by [`Rewrite::apply`]. Both follow [`Rewrite::keeps`].
+#[derive(Debug)]
+pub(crate) struct Rewrite<'a> {
+    pub(crate) hop_by_hop: HopByHop,
+    /// Dropped besides: the headers that carried the credential.
+    pub(crate) dropped: [Option<&'static HeaderName>; 2],
+    /// Names with this start are dropped: only the gateway sets them.
+    pub(crate) dropped_prefix: &'static str,
+    /// Set, in this order, in place of any the client sent.
+    pub(crate) set: [Option<(&'static HeaderName, Cow<'a, HeaderValue>)>; 6],
+}
+
+impl Rewrite<'_> {
+    /// Whether the upstream gets the client's header `name`.
+    pub(crate) fn keeps(&self, name: &HeaderName) -> bool {
+        !self.hop_by_hop.contains(name)
+            && !self.dropped.iter().flatten().any(|d| *d == name)
+            && !name.as_str().starts_with(self.dropped_prefix)
+            && !self.set.iter().flatten().any(|(n, _)| *n == name)
+    }
+
+    /// The headers the gateway sets.
+    pub(crate) fn set(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.set.iter().flatten().map(|(n, v)| (*n, &**v))
+    }
+
+    /// Rewrites the request's own map, for hyper's client.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        let client = std::mem::take(headers);
+        headers.reserve(client.keys_len() + self.set.len());
+        let mut name = None;
+        for (first, value) in client {
+            // Each name comes once, with its first value; the values after follow it.
+            if first.is_some() {
+                name = first;
+            }
+            if let Some(name) = &name
+                && self.keeps(name)
+            {
+                headers.append(name.clone(), value);
+            }
         }
-    }
-    if present == 0 {
-        return;
-    }
-    // `HOP_BY_HOP[0]` is `Connection`; `keep-alive` and `close`, nearly all it ever says,
-    // name no header.
-    let names_headers = |v: &HeaderValue| {
-        let v = v.as_bytes();
-        !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close")
-    };
-    if present & 1 != 0
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(names_headers)
-    {
-        // Parsed only for names not removed anyway: `keep-alive` and `close` allocate nothing.
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|name| {
-                !name.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-            })
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
+        for (name, value) in self.set() {
+            headers.append(name.clone(), value.clone());
         }
     }
 }
