@@ -18,7 +18,6 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::IntGauge;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::net::TcpListener;
@@ -37,7 +36,7 @@ use crate::tls::{Certificates, TlsError};
 
 mod watchdog;
 
-use watchdog::{HeaderDeadline, Tracked};
+use watchdog::{Tracked, Watchdog, Watched};
 
 /// How often idle limiter, cache and failed-auth state is dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -356,7 +355,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let watchdog = Watchdog::new(header_read_timeout);
+    let sweeping = tokio::spawn(Arc::clone(&watchdog).run());
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         // At the connection cap, stop accepting: new clients wait in the kernel's backlog.
@@ -378,15 +378,15 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler_for(peer);
-        let deadline = HeaderDeadline::new(header_read_timeout);
-        let waiting = Arc::clone(&deadline);
+        let watch = watchdog.watch();
+        let marks = Arc::clone(&watch);
         let service = service_fn(move |req: Request<Incoming>| {
-            let serving = deadline.serving(req.version());
+            let serving = marks.serving(req.version());
             // Boxed: a request's future is a few KB, and hyper moves what it is given.
             let response = Box::pin(handler(req));
             async move { Ok::<_, Infallible>(response.await.map(|b| Tracked::new(b, serving))) }
         });
-        let (builder, watcher, active) = (Arc::clone(&builder), graceful.watcher(), active.clone());
+        let (builder, active) = (Arc::clone(&builder), active.clone());
         let tls = tls.as_ref().map(|c| TlsAcceptor::from(c.current()));
         tokio::spawn(async move {
             active.inc();
@@ -394,7 +394,7 @@ where
                 None => {
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    until_expired(watcher.watch(connection.into_owned()), &waiting).await
+                    Watched::new(connection.into_owned(), watch).await
                 }
                 // The handshake is bounded like the header read: a client that opens a
                 // connection and sends nothing does not hold it open.
@@ -403,7 +403,7 @@ where
                         Ok(Ok(stream)) => {
                             let connection = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            until_expired(watcher.watch(connection.into_owned()), &waiting).await
+                            Watched::new(connection.into_owned(), watch).await
                         }
                         Ok(Err(e)) => Err(e.into()),
                         Err(_) => Err("TLS handshake timed out".into()),
@@ -418,24 +418,13 @@ where
         });
     }
     drop(listener);
-    match tokio::time::timeout(drain, graceful.shutdown()).await {
-        Ok(()) => 0,
+    // Connections finish what they serve and close; each gives its slot back as it ends.
+    watchdog.stop_all();
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let cut = match tokio::time::timeout(drain, slots.acquire_many(all)).await {
+        Ok(_) => 0,
         Err(_) => usize::try_from(active.get()).unwrap_or(0),
-    }
-}
-
-/// Serves a connection until it ends or has waited its header-read timeout for a request head;
-/// then it is closed without an answer, as hyper closes it.
-async fn until_expired<E>(
-    connection: impl Future<Output = Result<(), E>>,
-    deadline: &HeaderDeadline,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    tokio::select! {
-        biased;
-        result = connection => result.map_err(Into::into),
-        () = deadline.expired() => Err("no request head within header_read_timeout".into()),
-    }
+    };
+    sweeping.abort();
+    cut
 }
