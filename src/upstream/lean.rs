@@ -277,18 +277,18 @@ impl LeanPool {
             // switches cost more than the task handing saved (load bench layout, 5 s runs).
             // On one thread, the pool's writer task writes them; this task next runs when the
             // answer arrives. Otherwise this task lets the others run first, then writes.
-            let queued = {
+            let queued = self.outbox.is_some();
+            {
                 let mut out = crate::lock(&conn.io.out);
                 encode(&mut out.head, parts, rewrite);
                 out.written = 0;
                 out.wake_when_written = false;
-                out.state = if self.outbox.is_some() {
+                out.state = if queued {
                     Sending::Queued
                 } else {
                     Sending::ByTask
                 };
-                self.outbox.is_some()
-            };
+            }
             if queued {
                 self.queue(&conn.io);
             } else {
