@@ -19,7 +19,7 @@ const CHECKSUM_LEN: usize = 6;
 pub const DISPLAY_PREFIX_LEN: usize = 12;
 
 /// Which headers carried the credential, so exactly those are removed before forwarding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CarriedBy {
     pub x_api_key: bool,
     pub authorization: bool,
@@ -38,10 +38,7 @@ pub enum CredentialError {
 /// Every value present must be the same secret.
 pub fn extract(headers: &HeaderMap) -> Result<(&str, CarriedBy), CredentialError> {
     let mut found: Option<&[u8]> = None;
-    let mut carried = CarriedBy {
-        x_api_key: false,
-        authorization: false,
-    };
+    let mut carried = CarriedBy::default();
     let mut conflict = false;
     for value in headers.get_all(X_API_KEY) {
         carried.x_api_key = true;

@@ -511,10 +511,7 @@ impl Gateway {
         tls: bool,
         original_host: Option<HeaderValue>,
     ) -> Rewrite<'a> {
-        let carried = carried.unwrap_or(CarriedBy {
-            x_api_key: false,
-            authorization: false,
-        });
+        let carried = carried.unwrap_or_default();
         let forwarded_for = if self.is_trusted(peer.ip()) {
             let mut chain: Vec<&str> = headers
                 .get_all(&X_FORWARDED_FOR)

@@ -277,22 +277,20 @@ impl LeanPool {
             // switches cost more than the task handing saved (load bench layout, 5 s runs).
             // On one thread, the pool's writer task writes them; this task next runs when the
             // answer arrives. Otherwise this task lets the others run first, then writes.
-            let queued = self.outbox.is_some();
             {
                 let mut out = crate::lock(&conn.io.out);
                 encode(&mut out.head, parts, rewrite);
                 out.written = 0;
                 out.wake_when_written = false;
-                out.state = if queued {
+                out.state = if self.outbox.is_some() {
                     Sending::Queued
                 } else {
                     Sending::ByTask
                 };
             }
-            if queued {
-                self.queue(&conn.io);
-            } else {
-                YieldOnce(false).await;
+            match &self.outbox {
+                Some(outbox) => self.queue(outbox, &conn.io),
+                None => YieldOnce(false).await,
             }
             match exchange(&mut conn).await {
                 Ok(head) => return Ok(self.respond(conn, head, &parts.method, now)?),
@@ -329,10 +327,7 @@ impl LeanPool {
     }
 
     /// Gives a head to the pool's writer, started with the first.
-    fn queue(self: &Arc<Self>, io: &Arc<Io>) {
-        let Some(outbox) = &self.outbox else {
-            return;
-        };
+    fn queue(self: &Arc<Self>, outbox: &Mutex<Outbox>, io: &Arc<Io>) {
         let (writer, start) = {
             let mut outbox = crate::lock(outbox);
             outbox.queued.push(Arc::clone(io));
@@ -1192,7 +1187,8 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-            runtime.block_on(async {
+            // Bounded: a head handed back and never finished would wait for ever.
+            let exchanges = async {
                 let up = upstream(vec![answer(&[OK]), answer(&[OK]), answer(&[OK])]).await;
                 let pool = pool(up.addr);
                 assert_eq!(pool.outbox.is_some(), threads == 1);
@@ -1214,6 +1210,11 @@ mod tests {
                     1,
                     "{threads} threads"
                 );
+            };
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), exchanges)
+                    .await
+                    .unwrap_or_else(|_| panic!("{threads} threads: the heads never all went out"));
             });
         }
     }
