@@ -468,7 +468,10 @@ impl Gateway {
                     }
                     let send = async {
                         let request = Request::from_parts(parts, body);
-                        Ok(route.pool.send(request).await?.map(Either::Left))
+                        let mut response = route.pool.send(request).await?;
+                        // The lean exchange leaves these out as it reads the head.
+                        upstream::remove_hop_by_hop(response.headers_mut());
+                        Ok(response.map(Either::Left))
                     };
                     peer.deadline.within(started, route.timeout, send).await
                 }
@@ -486,12 +489,10 @@ impl Gateway {
                         let upstream = hyper::upgrade::on(&mut response);
                         tokio::spawn(upstream::tunnel(client, upstream));
                     }
-                    let (mut parts, body) = response.into_parts();
-                    upstream::remove_hop_by_hop(&mut parts.headers);
                     if websocket && switching {
-                        upstream::keep_websocket_upgrade(&mut parts.headers);
+                        upstream::keep_websocket_upgrade(response.headers_mut());
                     }
-                    Ok(Response::from_parts(parts, Either::Left(body)))
+                    Ok(response.map(Either::Left))
                 }
             }
         }

@@ -69,7 +69,8 @@ async fn every_bad_credential_gets_401_with_its_code() {
 }
 
 /// The upstream sees the request as sent, minus the credential and hop-by-hop headers, plus
-/// trustworthy X-Keygate-* and X-Forwarded-* headers; the client sees rate-limit headers.
+/// trustworthy X-Keygate-* and X-Forwarded-* headers; the client sees the upstream's answer
+/// without its hop-by-hop headers, plus rate-limit headers.
 /// The same with a body (through hyper's client) and without one (the lean exchange).
 #[tokio::test]
 async fn forwarding_rewrites_exactly_what_the_spec_says() {
@@ -105,6 +106,12 @@ async fn forwarding_rewrites_exactly_what_the_spec_says() {
             "\"minute\";q=100;w=60, \"second\";q=10;w=1"
         );
         assert_eq!(response.headers()["x-ratelimit-limit"], "100");
+        for hop_by_hop in ["connection", "x-upstream-private", "keep-alive"] {
+            assert!(
+                !response.headers().contains_key(hop_by_hop),
+                "{method}: {hop_by_hop} passed on"
+            );
+        }
         assert_eq!(
             response.headers()["x-ratelimit-remaining"],
             remaining.to_string().as_str()

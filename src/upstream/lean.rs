@@ -379,20 +379,21 @@ impl LeanPool {
         let mut keep = head.keep_alive;
         let framing = if no_body {
             Framing::Length(0)
-        } else if let Some(te) = last_value(&head.headers, &header::TRANSFER_ENCODING) {
+        } else if let Some(chunked) = head.chunked {
             // Both framings at once is how responses are smuggled: the connection goes.
-            if head.headers.contains_key(header::CONTENT_LENGTH) {
+            if head.length != Length::None {
                 keep = false;
             }
-            if ends_with_chunked(te) {
+            if chunked {
                 Framing::Chunked
             } else {
                 Framing::Close
             }
         } else {
-            match content_length(&head.headers)? {
-                Some(n) => Framing::Length(n),
-                None => Framing::Close,
+            match head.length {
+                Length::Is(n) => Framing::Length(n),
+                Length::None => Framing::Close,
+                Length::Bad => return Err(LeanError::BadContentLength),
             }
         };
         let state = match framing {
@@ -429,12 +430,15 @@ enum Framing {
     Close,
 }
 
-/// A response head as read.
+/// A response head as read: its headers without the hop-by-hop ones, and what those and
+/// `Content-Length` said.
 #[derive(Debug)]
 struct Head {
     status: StatusCode,
     headers: HeaderMap,
     keep_alive: bool,
+    chunked: Option<bool>,
+    length: Length,
 }
 
 enum Exchange {
@@ -557,6 +561,10 @@ impl Names {
 
 /// Parses a response head at the start of `read`, taking it off when complete. Header
 /// values are slices of the head's bytes, not copies, as hyper makes them.
+///
+/// One pass over the headers reads what frames the body and keeps the connection, and leaves
+/// out of the map the hop-by-hop headers and those `Connection` names: the map is the one the
+/// client gets, not searched, emptied of those and searched again afterwards.
 fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
@@ -574,68 +582,99 @@ fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanErro
     }
     let status =
         StatusCode::from_u16(code).map_err(|_| LeanError::Malformed(httparse::Error::Status))?;
-    let http10 = response.version == Some(0);
-    // Where each header lies in the head, so that its value can be a slice of it.
+    let mut said = Said::default();
+    // Where each header kept lies in the head, so that its value can be a slice of it.
     let base = read.as_ptr() as usize;
     names.parsed.clear();
     for (at, h) in response.headers.iter().enumerate() {
         let name = names.name(at, h.name.as_bytes())?;
+        if super::is_hop_by_hop(&name) {
+            said.hop_by_hop(&name, h.value);
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            said.content_length(h.value);
+        }
         let start = h.value.as_ptr() as usize - base;
         names.parsed.push((name, start, start + h.value.len()));
     }
+    let keep_alive = !said.close && (response.version != Some(0) || said.keep_alive);
     let head = read.split_to(len).freeze();
     // Room for the rate-limit headers added to most answers, without growing the map.
     let mut map = HeaderMap::with_capacity(names.parsed.len() + 6);
     for (name, start, end) in names.parsed.drain(..) {
+        if said.listed.contains(&name) {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| LeanError::Malformed(httparse::Error::HeaderValue))?;
         map.append(name, value);
     }
-    let keep_alive = keeps_alive(&map, http10);
     Ok(Parsed::Final(Head {
         status,
         headers: map,
         keep_alive,
+        chunked: said.chunked,
+        length: said.length,
     }))
 }
 
-/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
-/// `Connection: keep-alive`.
-fn keeps_alive(headers: &HeaderMap, http10: bool) -> bool {
-    let says = |token| super::lists(headers, &header::CONNECTION, token);
-    !says("close") && (!http10 || says("keep-alive"))
+/// What a response's headers say about its framing and its connection.
+#[derive(Debug, Default)]
+struct Said {
+    /// `Connection` lists `close`.
+    close: bool,
+    /// `Connection` lists `keep-alive` (what an HTTP/1.0 answer needs to keep it).
+    keep_alive: bool,
+    /// Header names `Connection` lists besides: hop-by-hop for this answer.
+    listed: Vec<HeaderName>,
+    /// With `Transfer-Encoding`: whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    length: Length,
 }
 
-fn last_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
-    headers.get_all(name).iter().next_back()
-}
-
-fn ends_with_chunked(te: &HeaderValue) -> bool {
-    te.to_str().is_ok_and(|v| {
-        v.rsplit(',')
-            .next()
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
-    })
-}
-
-/// The `Content-Length`: every value (and every item of a list) the same number, or an error.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, LeanError> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| LeanError::BadContentLength)?;
-        for item in text.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(LeanError::BadContentLength);
-            }
-            let n: u64 = item.parse().map_err(|_| LeanError::BadContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(LeanError::BadContentLength);
-            }
-            length = Some(n);
+impl Said {
+    fn hop_by_hop(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == header::CONNECTION {
+            let lists = |token: &[u8]| {
+                value.eq_ignore_ascii_case(token)
+                    || value
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+            };
+            self.close |= lists(b"close");
+            self.keep_alive |= lists(b"keep-alive");
+            super::connection_lists(value, &mut self.listed);
+        } else if name == header::TRANSFER_ENCODING {
+            // The last header's last coding decides.
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
     }
-    Ok(length)
+
+    /// Every value, and every item of a list, must be the same number.
+    fn content_length(&mut self, value: &[u8]) {
+        for item in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+                .flatten();
+            self.length = match (self.length, n) {
+                (Length::None, Some(n)) => Length::Is(n),
+                (Length::Is(l), Some(n)) if l == n => Length::Is(n),
+                _ => Length::Bad,
+            };
+        }
+    }
+}
+
+/// A response's `Content-Length`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Length {
+    #[default]
+    None,
+    Is(u64),
+    /// Not a number, or several that differ.
+    Bad,
 }
 
 /// Writes the head of a request without a body: request line, the client's headers the
@@ -1284,21 +1323,67 @@ mod tests {
         assert!(names.name(0, b"bad name").is_err());
     }
 
+    /// The head of `raw`, a whole response head.
+    fn head(raw: &str) -> Head {
+        let mut read = BytesMut::from(raw);
+        match parse_head(&mut read, &mut Names::default()).unwrap() {
+            Parsed::Final(head) => head,
+            _ => panic!("not a final head: {raw:?}"),
+        }
+    }
+
     #[test]
     fn connection_header_decides_keep_alive_by_version() {
-        let with = |value: &str| {
-            let mut h = HeaderMap::new();
-            if !value.is_empty() {
-                h.insert(header::CONNECTION, value.parse().unwrap());
-            }
-            h
+        let keeps = |version: &str, connection: &str| {
+            let connection = match connection {
+                "" => String::new(),
+                value => format!("Connection: {value}\r\n"),
+            };
+            head(&format!("HTTP/{version} 200 OK\r\n{connection}\r\n")).keep_alive
         };
-        assert!(keeps_alive(&with(""), false));
-        assert!(!keeps_alive(&with(""), true));
-        assert!(keeps_alive(&with("Keep-Alive"), true));
-        assert!(!keeps_alive(&with("close"), false));
-        assert!(!keeps_alive(&with("x-private, Close"), false));
-        assert!(keeps_alive(&with("x-private, keep-alive"), true));
+        assert!(keeps("1.1", ""));
+        assert!(!keeps("1.0", ""));
+        assert!(keeps("1.0", "Keep-Alive"));
+        assert!(!keeps("1.1", "close"));
+        assert!(!keeps("1.1", "x-private, Close"));
+        assert!(keeps("1.0", "x-private, keep-alive"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_not_passed_on() {
+        let head = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\n\
+             Keep-Alive: timeout=5\r\nTransfer-Encoding: gzip, chunked\r\n\
+             Proxy-Connection: keep-alive\r\nX-Kept: 2\r\nX-Kept: 3\r\n\r\n",
+        );
+        let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!(head.headers.get_all("x-kept").iter().count(), 2);
+        assert!(head.keep_alive);
+        assert_eq!(head.chunked, Some(true));
+        assert_eq!(head.length, Length::None);
+    }
+
+    #[test]
+    fn content_length_is_one_number_or_bad() {
+        let length = |values: &[&str]| {
+            let lines: String = values
+                .iter()
+                .map(|v| format!("Content-Length: {v}\r\n"))
+                .collect();
+            head(&format!("HTTP/1.1 200 OK\r\n{lines}\r\n")).length
+        };
+        assert_eq!(length(&[]), Length::None);
+        assert_eq!(length(&["12"]), Length::Is(12));
+        assert_eq!(length(&["12", "12, 12"]), Length::Is(12));
+        assert_eq!(length(&["12", "13"]), Length::Bad);
+        assert_eq!(length(&["-1"]), Length::Bad);
+        assert_eq!(length(&["1,"]), Length::Bad);
+        assert_eq!(length(&["99999999999999999999999"]), Length::Bad);
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").chunked,
+            Some(false)
+        );
     }
 
     #[test]

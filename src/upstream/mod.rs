@@ -79,42 +79,18 @@ impl HopByHop {
             }
         }
         // `HOP_BY_HOP[0]` is `Connection`.
-        let names_headers = |v: &HeaderValue| {
-            let v = v.as_bytes();
-            !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close")
-        };
-        let listed = if present & 1 != 0
-            && headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(names_headers)
-        {
-            // Parsed only for names not dropped anyway: `keep-alive` and `close` allocate
-            // nothing.
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .filter(|name| {
-                    !name.eq_ignore_ascii_case("close")
-                        && !HOP_BY_HOP
-                            .iter()
-                            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-                })
-                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let mut listed = Vec::new();
+        if present & 1 != 0 {
+            for value in headers.get_all(header::CONNECTION) {
+                connection_lists(value.as_bytes(), &mut listed);
+            }
+        }
         HopByHop { present, listed }
     }
 
     /// Whether `name`, a header of the message this was made of, is hop-by-hop.
     pub(crate) fn contains(&self, name: &HeaderName) -> bool {
-        (self.present != 0 && may_be_hop_by_hop(name) && HOP_BY_HOP.contains(name))
-            || self.listed.contains(name)
+        (self.present != 0 && is_hop_by_hop(name)) || self.listed.contains(name)
     }
 
     fn remove_from(self, headers: &mut HeaderMap) {
@@ -125,6 +101,33 @@ impl HopByHop {
             if self.present & (1 << i) != 0 {
                 headers.remove(name);
             }
+        }
+    }
+}
+
+/// Whether `name` is one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    may_be_hop_by_hop(name) && HOP_BY_HOP.contains(name)
+}
+
+/// Adds to `listed` the header names one `Connection` value lists besides `close` and the
+/// hop-by-hop ones (removed anyway). `keep-alive` and `close`, nearly every value there is,
+/// allocate nothing.
+pub(crate) fn connection_lists(value: &[u8], listed: &mut Vec<HeaderName>) {
+    if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
+        return;
+    }
+    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if token.is_empty()
+            || token.eq_ignore_ascii_case(b"close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token) {
+            listed.push(name);
         }
     }
 }

@@ -157,9 +157,12 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> 
         "headers": headers, "body_bytes": body_bytes,
     });
     let mut response = Response::new(EchoBody::Left(Full::new(Bytes::from(answer.to_string()))));
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    let headers = response.headers_mut();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    // Hop-by-hop, for this hop only: the gateway must not pass them on.
+    headers.insert("connection", "x-upstream-private".parse().unwrap());
+    headers.insert("x-upstream-private", "1".parse().unwrap());
+    headers.insert("keep-alive", "timeout=60".parse().unwrap());
     Ok(response)
 }
 
