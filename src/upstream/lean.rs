@@ -532,28 +532,31 @@ enum Parsed {
 }
 
 /// The header names of a connection's last response, in order, and where the headers of the
-/// one being parsed lie. An upstream sends the same names answer after answer: comparing a
-/// name with the one at its place last time is cheaper than making it again.
+/// one being parsed lie. An upstream sends the same names answer after answer, spelled the
+/// same: comparing a name's bytes with those at its place last time is cheaper than making the
+/// name again, or than comparing it without regard to case.
 #[derive(Debug, Default)]
 struct Names {
-    last: Vec<HeaderName>,
+    /// Each name, and its bytes as the upstream spelled it.
+    last: Vec<(HeaderName, Box<[u8]>)>,
     /// Each header's name and the range of its value in the head.
     parsed: Vec<(HeaderName, usize, usize)>,
 }
 
 impl Names {
     fn name(&mut self, at: usize, raw: &[u8]) -> Result<HeaderName, LeanError> {
-        if let Some(name) = self.last.get(at)
-            && name.as_str().as_bytes().eq_ignore_ascii_case(raw)
+        if let Some((name, spelled)) = self.last.get(at)
+            && **spelled == *raw
         {
             return Ok(name.clone());
         }
         let name = HeaderName::from_bytes(raw)
             .map_err(|_| LeanError::Malformed(httparse::Error::HeaderName))?;
+        let entry = (name.clone(), Box::from(raw));
         if at < self.last.len() {
-            self.last[at] = name.clone();
+            self.last[at] = entry;
         } else if at == self.last.len() && at < MAX_HEADERS {
-            self.last.push(name.clone());
+            self.last.push(entry);
         }
         Ok(name)
     }
@@ -636,15 +639,15 @@ struct Said {
 impl Said {
     fn hop_by_hop(&mut self, name: &HeaderName, value: &[u8]) {
         if name == header::CONNECTION {
-            let lists = |token: &[u8]| {
-                value.eq_ignore_ascii_case(token)
-                    || value
-                        .split(|&b| b == b',')
-                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-            };
-            self.close |= lists(b"close");
-            self.keep_alive |= lists(b"keep-alive");
-            super::connection_lists(value, &mut self.listed);
+            for token in super::connection_tokens(value) {
+                if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else {
+                    self.listed.extend(super::listed_name(token));
+                }
+            }
         } else if name == header::TRANSFER_ENCODING {
             // The last header's last coding decides.
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
@@ -1318,8 +1321,10 @@ mod tests {
             header::CONTENT_TYPE
         );
         assert_eq!(names.name(0, b"X-Other").unwrap().as_str(), "x-other");
+        assert_eq!(names.name(0, b"X-Other").unwrap().as_str(), "x-other");
         assert_eq!(names.name(1, b"date").unwrap(), header::DATE);
         assert_eq!(names.last.len(), 2);
+        assert_eq!(&*names.last[0].1, b"X-Other");
         assert!(names.name(0, b"bad name").is_err());
     }
 

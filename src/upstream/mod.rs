@@ -117,19 +117,24 @@ pub(crate) fn connection_lists(value: &[u8], listed: &mut Vec<HeaderName>) {
     if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
         return;
     }
-    for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-        if token.is_empty()
-            || token.eq_ignore_ascii_case(b"close")
-            || HOP_BY_HOP
-                .iter()
-                .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
-        {
-            continue;
-        }
-        if let Ok(name) = HeaderName::from_bytes(token) {
-            listed.push(name);
-        }
+    listed.extend(connection_tokens(value).filter_map(listed_name));
+}
+
+/// The items of a `Connection` value.
+pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// The header a `Connection` item names, unless `close` or one of [`HOP_BY_HOP`].
+pub(crate) fn listed_name(token: &[u8]) -> Option<HeaderName> {
+    let named = |h: &HeaderName| token.eq_ignore_ascii_case(h.as_str().as_bytes());
+    if token.eq_ignore_ascii_case(b"close") || HOP_BY_HOP.iter().any(named) {
+        return None;
     }
+    HeaderName::from_bytes(token).ok()
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
