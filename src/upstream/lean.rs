@@ -36,6 +36,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode, Uri};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::Rewrite;
@@ -197,11 +198,30 @@ impl Conn {
     /// Reads more into `read`; `Ok(0)` when the upstream has closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.read.reserve(READ_CHUNK);
+        let stream = &self.io.stream;
         loop {
-            ready!(self.io.stream.poll_read_ready(cx))?;
-            match self.io.stream.try_read_buf(&mut self.read) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
+            ready!(stream.poll_read_ready(cx))?;
+            // A read that did not fill the room drained the socket: its readiness is
+            // cleared now, as tokio's own `poll_read` does, instead of by a later read
+            // failing with `WouldBlock` (`is_quiet`, when the connection is next taken): one
+            // system call a response. `try_io` clears the readiness it saw before the read,
+            // not any that came during it, and only when its closure returns `WouldBlock`:
+            // a short read returns that, its count set aside.
+            let room = self.read.capacity() - self.read.len();
+            let mut short = None;
+            let read = stream.try_io(Interest::READABLE, || {
+                match stream.try_read_buf(&mut self.read)? {
+                    n if n > 0 && n < room => {
+                        short = Some(n);
+                        Err(io::ErrorKind::WouldBlock.into())
+                    }
+                    n => Ok(n),
+                }
+            });
+            match (read, short) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (done, None) => return Poll::Ready(done),
             }
         }
     }
