@@ -81,8 +81,17 @@ impl HopByHop {
         // `HOP_BY_HOP[0]` is `Connection`.
         let mut listed = Vec::new();
         if present & 1 != 0 {
-            for value in headers.get_all(header::CONNECTION) {
-                connection_lists(value.as_bytes(), &mut listed);
+            for value in headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes())
+            {
+                // `keep-alive` and `close`, nearly every value there is, name no header.
+                if !value.eq_ignore_ascii_case(b"keep-alive")
+                    && !value.eq_ignore_ascii_case(b"close")
+                {
+                    listed.extend(connection_tokens(value).filter_map(listed_name));
+                }
             }
         }
         HopByHop { present, listed }
@@ -108,16 +117,6 @@ impl HopByHop {
 /// Whether `name` is one of [`HOP_BY_HOP`].
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     may_be_hop_by_hop(name) && HOP_BY_HOP.contains(name)
-}
-
-/// Adds to `listed` the header names one `Connection` value lists besides `close` and the
-/// hop-by-hop ones (removed anyway). `keep-alive` and `close`, nearly every value there is,
-/// allocate nothing.
-pub(crate) fn connection_lists(value: &[u8], listed: &mut Vec<HeaderName>) {
-    if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
-        return;
-    }
-    listed.extend(connection_tokens(value).filter_map(listed_name));
 }
 
 /// The items of a `Connection` value.
