@@ -659,7 +659,7 @@ struct Said {
 impl Said {
     fn hop_by_hop(&mut self, name: &HeaderName, value: &[u8]) {
         if name == header::CONNECTION {
-            for token in super::connection_tokens(value) {
+            for token in super::list_items(value) {
                 if token.eq_ignore_ascii_case(b"keep-alive") {
                     self.keep_alive = true;
                 } else if token.eq_ignore_ascii_case(b"close") {

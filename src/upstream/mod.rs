@@ -90,7 +90,7 @@ impl HopByHop {
                 if !value.eq_ignore_ascii_case(b"keep-alive")
                     && !value.eq_ignore_ascii_case(b"close")
                 {
-                    listed.extend(connection_tokens(value).filter_map(listed_name));
+                    listed.extend(list_items(value).filter_map(listed_name));
                 }
             }
         }
@@ -119,8 +119,8 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     may_be_hop_by_hop(name) && HOP_BY_HOP.contains(name)
 }
 
-/// The items of a `Connection` value.
-pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// The items of a comma-separated header value (`Connection`, `Upgrade`), trimmed.
+pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
@@ -206,15 +206,12 @@ pub(crate) fn is_websocket_upgrade<B>(req: &hyper::Request<B>) -> bool {
 }
 
 /// Whether a comma-separated header (`Connection`, `Upgrade`) lists `token`, in any case.
-/// A value that is the token alone, as it nearly always is, is not split.
-pub(crate) fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     let token = token.as_bytes();
-    headers.get_all(name).iter().any(|v| {
-        let v = v.as_bytes();
-        v.eq_ignore_ascii_case(token)
-            || v.split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| list_items(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(token)))
 }
 
 /// Puts back the two headers of a WebSocket handshake after the hop-by-hop ones were removed.
@@ -454,6 +451,39 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn a_websocket_handshake_is_told_by_its_listed_tokens_in_any_case() {
+        let handshake = |method: &str, connection: &str, upgrade: &str| {
+            hyper::Request::builder()
+                .method(method)
+                .header(header::CONNECTION, connection)
+                .header(header::UPGRADE, upgrade)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_websocket_upgrade(&handshake(
+            "GET",
+            "Upgrade",
+            "websocket"
+        )));
+        assert!(is_websocket_upgrade(&handshake(
+            "GET",
+            "keep-alive,  UPGRADE ",
+            "WebSocket"
+        )));
+        assert!(!is_websocket_upgrade(&handshake(
+            "GET",
+            "keep-alive",
+            "websocket"
+        )));
+        assert!(!is_websocket_upgrade(&handshake("GET", "upgrade", "h2c")));
+        assert!(!is_websocket_upgrade(&handshake(
+            "POST",
+            "upgrade",
+            "websocket"
+        )));
     }
 
     #[test]
