@@ -466,13 +466,16 @@ impl Gateway {
                     if websocket {
                         upstream::keep_websocket_upgrade(&mut parts.headers);
                     }
-                    let send = async {
+                    // Boxed: hyper's client future is the larger branch (928 bytes against
+                    // the lean one's 616), and inline it would size every request's future,
+                    // which is copied whole at each level it is awaited from.
+                    let send = Box::pin(async {
                         let request = Request::from_parts(parts, body);
                         let mut response = route.pool.send(request).await?;
                         // The lean exchange leaves these out as it reads the head.
                         upstream::remove_hop_by_hop(response.headers_mut());
                         Ok(response.map(Either::Left))
-                    };
+                    });
                     peer.deadline.within(started, route.timeout, send).await
                 }
             };
