@@ -296,6 +296,9 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let mut flush = tokio::time::interval(gateway.config.usage.flush_interval);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    // After a stall (the process stopped, a long flush) one sweep catches up; tokio's default
+    // would run every missed one back to back, each a pass over all keys in use.
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe = tokio::time::interval(PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
