@@ -126,6 +126,10 @@ impl UsageRecorder {
                 }
                 result = Err(e);
             }
+            // Dropped off the event loop too: the batch's last owner releases a key id per use,
+            // some 38,000 a flush at a million keys in use, which held requests up by
+            // 0.32-0.36 ms every flush (timed in the load bench).
+            tokio::task::spawn_blocking(move || drop(batch));
         }
         if !events.is_empty()
             && let Err(e) = store.append_audit(&events).await
