@@ -35,7 +35,7 @@ use keygate::bench;
 #[global_allocator]
 static ALLOCATOR: keygate_alloc::MiMalloc = keygate_alloc::MiMalloc; // as keygate's, for hyper alone
 use keygate::store::SqliteStore;
-use support::{Killed, free_port, memory_mib, tree_cpu_seconds, wait_for_port};
+use support::{Killed, free_port, memory_mib, process_tree, tree_cpu_seconds, wait_for_port};
 
 const TOKEN: &str = "bench-admin-token-0123456789";
 const MISSES: &str = "keygate_key_cache_lookups_total{result=\"miss\"}";
@@ -307,18 +307,13 @@ fn wrk(t: &mut Target, script: &Path, seconds: u64, connections: usize) -> Run {
     }
 }
 
-/// Sends `signal` (`-STOP`, `-CONT`) to a process and its descendants: an nginx master
-/// and its worker, a keygate and its threads.
+/// Sends `signal` (`-STOP`, `-CONT`) to a process and its descendants: an nginx master and
+/// its worker.
 fn signal_tree(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .arg(signal)
-        .arg(pid.to_string())
+        .args(process_tree(pid).iter().map(u32::to_string))
         .status();
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-        signal_tree(child, signal);
-    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -128,7 +128,7 @@ impl UsageRecorder {
             }
             // Dropped off the event loop too: the batch's last owner releases a key id per use,
             // some 38,000 a flush at a million keys in use, which held requests up by
-            // 0.32-0.36 ms every flush (timed in the load bench).
+            // 0.32-0.36 ms every flush (timed under the load bench's load).
             tokio::task::spawn_blocking(move || drop(batch));
         }
         if !events.is_empty()

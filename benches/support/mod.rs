@@ -60,16 +60,23 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// CPU seconds of a process and its children (an nginx master and its workers).
-pub(crate) fn tree_cpu_seconds(pid: u32) -> f64 {
+/// A process and its descendants (an nginx master and its workers), from /proc.
+pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    cpu_seconds(pid)
-        + children
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .map(tree_cpu_seconds)
-            .sum::<f64>()
+    std::iter::once(pid)
+        .chain(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .flat_map(process_tree),
+        )
+        .collect()
+}
+
+/// CPU seconds of a process and its descendants.
+pub(crate) fn tree_cpu_seconds(pid: u32) -> f64 {
+    process_tree(pid).into_iter().map(cpu_seconds).sum()
 }
 
 /// A line of /proc/<pid>/status in MiB: `VmRSS` (now) or `VmHWM` (peak).
