@@ -512,17 +512,16 @@ fn main() {
     // after its warm-up) is counted against itself, not against whichever target shares CPU 1
     // with it at the time. The bare upstream serves them all and always runs.
     let always = upstream.0.id();
-    let pause = |targets: &[Target], measured: usize, signal: &str| {
-        for (i, t) in targets.iter().enumerate() {
-            if i != measured && t.pid != always {
-                signal_tree(t.pid, signal);
-            }
+    // `Some(i)`: target `i` runs, the others are stopped; `None`: all run again.
+    let run_only = |targets: &[Target], measured: Option<usize>| {
+        for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.pid != always) {
+            let runs = measured.is_none_or(|m| m == i);
+            signal_tree(t.pid, if runs { "-CONT" } else { "-STOP" });
         }
     };
     for run in 1..=o.runs {
         for i in 0..targets.len() {
-            pause(&targets, i, "-STOP");
-            signal_tree(targets[i].pid, "-CONT");
+            run_only(&targets, Some(i));
             let t = &mut targets[i];
             let cpu = tree_cpu_seconds(t.pid);
             let mut r = wrk(t, &script, o.seconds, o.connections);
@@ -543,7 +542,7 @@ fn main() {
             t.runs.push(r);
         }
     }
-    pause(&targets, usize::MAX, "-CONT");
+    run_only(&targets, None);
 
     if o.only.is_some() {
         return;
