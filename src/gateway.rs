@@ -455,7 +455,7 @@ impl Gateway {
                 Some(lean) => {
                     let send = async {
                         Ok(lean
-                            .send(&parts, &rewrite, started)
+                            .send(&mut parts, &rewrite, started)
                             .await?
                             .map(Either::Right))
                     };

@@ -278,9 +278,15 @@ impl LeanPool {
     /// Sends a request without a body (origin-form target), its headers as `rewrite` makes
     /// them, and reads the head of its answer. See the module documentation.
     /// `now` is the clock as the caller read it just before.
+    ///
+    /// The answer's headers go into the request's map, emptied once the answer's head has come
+    /// whole (a request is only sent again before): no map is made for the answer nor the
+    /// request's freed, two allocations and two frees a request. hyper keeps the map the client
+    /// is answered with to read the connection's next request head into, so one map serves
+    /// request after request.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        parts: &Parts,
+        parts: &mut Parts,
         rewrite: &Rewrite<'_>,
         now: Instant,
     ) -> Result<Response<LeanBody>, UpstreamError> {
@@ -312,8 +318,11 @@ impl LeanPool {
                 Some(outbox) => self.queue(outbox, &conn.io),
                 None => YieldOnce(false).await,
             }
-            match exchange(&mut conn).await {
-                Ok(head) => return Ok(self.respond(conn, head, &parts.method, now)?),
+            match exchange(&mut conn, &mut parts.headers).await {
+                Ok(head) => {
+                    let headers = std::mem::take(&mut parts.headers);
+                    return Ok(self.respond(conn, head, headers, &parts.method, now)?);
+                }
                 // Nothing came back on a kept connection: the upstream had closed it.
                 Err(Exchange::Stale(_)) if reused && retry => continue,
                 Err(Exchange::Stale(e) | Exchange::Failed(e)) => return Err(e.into()),
@@ -390,6 +399,7 @@ impl LeanPool {
         self: &Arc<Self>,
         mut conn: Conn,
         head: Head,
+        headers: HeaderMap,
         method: &Method,
         now: Instant,
     ) -> Result<Response<LeanBody>, LeanError> {
@@ -439,7 +449,7 @@ impl LeanPool {
         };
         let mut response = Response::new(LeanBody { state });
         *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
+        *response.headers_mut() = headers;
         Ok(response)
     }
 }
@@ -450,12 +460,11 @@ enum Framing {
     Close,
 }
 
-/// A response head as read: its headers without the hop-by-hop ones, and what those and
-/// `Content-Length` said.
+/// A response head as read: its status, and what its hop-by-hop headers and `Content-Length`
+/// said (the others are in the map it was read into).
 #[derive(Debug)]
 struct Head {
     status: StatusCode,
-    headers: HeaderMap,
     keep_alive: bool,
     chunked: Option<bool>,
     length: Length,
@@ -516,8 +525,8 @@ async fn write_queued(pool: std::sync::Weak<LeanPool>) {
 }
 
 /// Waits for the request head to be written, then reads until a final response head (1xx
-/// answers skipped).
-async fn exchange(conn: &mut Conn) -> Result<Head, Exchange> {
+/// answers skipped), its headers into `headers`.
+async fn exchange(conn: &mut Conn, headers: &mut HeaderMap) -> Result<Head, Exchange> {
     conn.read.clear();
     std::future::poll_fn(|cx| conn.io.poll_sent(cx))
         .await
@@ -525,7 +534,7 @@ async fn exchange(conn: &mut Conn) -> Result<Head, Exchange> {
     let mut received = false;
     loop {
         if !conn.read.is_empty() {
-            match parse_head(&mut conn.read, &mut conn.names).map_err(Exchange::Failed)? {
+            match parse_head(&mut conn.read, &mut conn.names, headers).map_err(Exchange::Failed)? {
                 Parsed::Final(head) => return Ok(head),
                 Parsed::Informational => continue,
                 Parsed::Partial => {}
@@ -588,7 +597,13 @@ impl Names {
 /// One pass over the headers reads what frames the body and keeps the connection, and leaves
 /// out of the map the hop-by-hop headers and those `Connection` names: the map is the one the
 /// client gets, not searched, emptied of those and searched again afterwards.
-fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanError> {
+///
+/// A final head's headers replace what `map` held; until then it is left as it is.
+fn parse_head(
+    read: &mut BytesMut,
+    names: &mut Names,
+    map: &mut HeaderMap,
+) -> Result<Parsed, LeanError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(read).map_err(LeanError::Malformed)? {
@@ -623,8 +638,9 @@ fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanErro
     }
     let keep_alive = !said.close && (response.version != Some(0) || said.keep_alive);
     let head = read.split_to(len).freeze();
+    map.clear();
     // Room for the rate-limit headers added to most answers, without growing the map.
-    let mut map = HeaderMap::with_capacity(names.parsed.len() + 6);
+    map.reserve(names.parsed.len() + 6);
     for (name, start, end) in names.parsed.drain(..) {
         if said.listed.contains(&name) {
             continue;
@@ -635,7 +651,6 @@ fn parse_head(read: &mut BytesMut, names: &mut Names) -> Result<Parsed, LeanErro
     }
     Ok(Parsed::Final(Head {
         status,
-        headers: map,
         keep_alive,
         chunked: said.chunked,
         length: said.length,
@@ -1074,9 +1089,10 @@ mod tests {
     }
 
     async fn call(pool: &Arc<LeanPool>, method: Method) -> Result<(StatusCode, String), String> {
-        let parts = parts(method);
+        let mut parts = parts(method);
+        let rewrite = rewrite(&parts, pool_addr(pool));
         let response = pool
-            .send(&parts, &rewrite(&parts, pool_addr(pool)), Instant::now())
+            .send(&mut parts, &rewrite, Instant::now())
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();
@@ -1254,13 +1270,16 @@ mod tests {
                 let up = upstream(vec![answer(&[OK]), answer(&[OK]), answer(&[OK])]).await;
                 let pool = pool(up.addr);
                 assert_eq!(pool.outbox.is_some(), threads == 1);
-                let mut parts = parts(Method::GET);
                 for value in ["small", big.as_str(), "small"] {
+                    let mut parts = parts(Method::GET);
                     parts
                         .headers
                         .insert("x-data", HeaderValue::from_str(value).unwrap());
                     let rewrite = rewrite(&parts, up.addr);
-                    let response = pool.send(&parts, &rewrite, Instant::now()).await.unwrap();
+                    let response = pool
+                        .send(&mut parts, &rewrite, Instant::now())
+                        .await
+                        .unwrap();
                     assert_eq!(response.status(), StatusCode::OK);
                     drop(response);
                 }
@@ -1350,10 +1369,37 @@ mod tests {
 
     /// The head of `raw`, a whole response head.
     fn head(raw: &str) -> Head {
+        head_and_headers(raw).0
+    }
+
+    /// The head of `raw` and its headers, read into a map that held a request's.
+    fn head_and_headers(raw: &str) -> (Head, HeaderMap) {
         let mut read = BytesMut::from(raw);
-        match parse_head(&mut read, &mut Names::default()).unwrap() {
-            Parsed::Final(head) => head,
+        let mut map = HeaderMap::new();
+        map.insert(&X_API_KEY, HeaderValue::from_static("kg_request_secret"));
+        match parse_head(&mut read, &mut Names::default(), &mut map).unwrap() {
+            Parsed::Final(head) => (head, map),
             _ => panic!("not a final head: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn the_request_headers_stay_until_a_final_head_has_come_whole() {
+        // A request sent again (its connection found closed) is written from them.
+        let mut map = HeaderMap::new();
+        map.insert(&X_API_KEY, HeaderValue::from_static("kg_request_secret"));
+        let mut names = Names::default();
+        for partial in [
+            "HTTP/1.1 200 OK\r\nX-Kept: 1\r\n",
+            "HTTP/1.1 100 Continue\r\n\r\n",
+        ] {
+            let mut read = BytesMut::from(partial);
+            assert!(!matches!(
+                parse_head(&mut read, &mut names, &mut map).unwrap(),
+                Parsed::Final(_)
+            ));
+            assert_eq!(map.len(), 1, "{partial:?}");
+            assert!(map.contains_key(&X_API_KEY));
         }
     }
 
@@ -1376,14 +1422,15 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_not_passed_on() {
-        let head = head(
+        let (head, headers) = head_and_headers(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\n\
              Keep-Alive: timeout=5\r\nTransfer-Encoding: gzip, chunked\r\n\
              Proxy-Connection: keep-alive\r\nX-Kept: 2\r\nX-Kept: 3\r\n\r\n",
         );
-        let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+        // Only the answer's: none of the request's headers the map held.
+        let names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
-        assert_eq!(head.headers.get_all("x-kept").iter().count(), 2);
+        assert_eq!(headers.get_all("x-kept").iter().count(), 2);
         assert!(head.keep_alive);
         assert_eq!(head.chunked, Some(true));
         assert_eq!(head.length, Length::None);
