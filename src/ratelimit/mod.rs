@@ -16,9 +16,11 @@ mod failed_auth;
 mod global;
 mod window;
 
+use std::ops::Range;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 
@@ -97,23 +99,27 @@ impl RateHeaders {
     }
 
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        // One growth of the map for the five, not one per insert.
+        // `"minute";r=87;t=42`, made in place and allocated once; the two numbers, when past
+        // the table of `small`, are slices of it rather than allocations of their own (two
+        // each, for a `Vec` then its counter, as `HeaderValue::from(u64)` makes them).
+        let mut text = Inline::new();
+        text.push(b"\"minute\";r=");
+        let remaining = text.push(itoa::Buffer::new().format(self.remaining).as_bytes());
+        text.push(b";t=");
+        let reset = text.push(itoa::Buffer::new().format(self.reset).as_bytes());
+        let text = Bytes::from_owner(text);
+        let part = |n: u64, range| small(n).unwrap_or_else(|| value(text.slice(range)));
+        let (remaining, reset) = (
+            part(self.remaining.into(), remaining),
+            part(self.reset, reset),
+        );
+        // One growth of the map for the five, not one per insert; in the order SPEC §3 shows.
         headers.reserve(5);
         headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
-        let (mut remaining, mut reset) = (itoa::Buffer::new(), itoa::Buffer::new());
-        let (remaining, reset) = (remaining.format(self.remaining), reset.format(self.reset));
-        let mut ratelimit = String::with_capacity(14 + remaining.len() + reset.len());
-        ratelimit.push_str("\"minute\";r=");
-        ratelimit.push_str(remaining);
-        ratelimit.push_str(";t=");
-        ratelimit.push_str(reset);
-        headers.insert(
-            RATELIMIT.clone(),
-            HeaderValue::try_from(ratelimit).expect("ASCII"),
-        );
+        headers.insert(RATELIMIT.clone(), value(text));
         headers.insert(X_RATELIMIT_LIMIT.clone(), self.limit.clone());
-        headers.insert(X_RATELIMIT_REMAINING.clone(), number(self.remaining.into()));
-        headers.insert(X_RATELIMIT_RESET.clone(), number(self.reset));
+        headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
+        headers.insert(X_RATELIMIT_RESET.clone(), reset);
     }
 
     #[cfg(test)]
@@ -131,10 +137,15 @@ impl RateHeaders {
     }
 }
 
-/// A number as a header value. Below 1,024 (remaining counts and reset seconds nearly always
-/// are) it comes from a table made once, of values over one static string, which clone
-/// without allocating or counting references.
+/// A number as a header value: from [`small`]'s table, or made.
 fn number(n: u64) -> HeaderValue {
+    small(n).unwrap_or_else(|| HeaderValue::from(n))
+}
+
+/// A number below 1,024 (remaining counts and reset seconds nearly always are) as a header
+/// value from a table made once, of values over one static string, which clone without
+/// allocating or counting references.
+fn small(n: u64) -> Option<HeaderValue> {
     const TABLE: usize = 1024;
     static SMALL: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
         let mut all = String::new();
@@ -153,9 +164,42 @@ fn number(n: u64) -> HeaderValue {
             })
             .collect()
     });
-    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
-        Some(value) => value.clone(),
-        None => HeaderValue::from(n),
+    SMALL.get(usize::try_from(n).ok()?).cloned()
+}
+
+/// Digits and ASCII punctuation as a header value.
+fn value(text: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(text).expect("digits and ASCII punctuation")
+}
+
+/// The `RateLimit` value, written without allocating: `"minute";r=` and `;t=` (14 bytes), a
+/// u32 (10 digits at most) and a u64 (20).
+#[derive(Debug)]
+struct Inline {
+    bytes: [u8; 48],
+    len: usize,
+}
+
+impl Inline {
+    fn new() -> Inline {
+        Inline {
+            bytes: [0; 48],
+            len: 0,
+        }
+    }
+
+    /// Appends `part`; returns where it lies.
+    fn push(&mut self, part: &[u8]) -> Range<usize> {
+        let at = self.len;
+        self.len += part.len();
+        self.bytes[at..self.len].copy_from_slice(part);
+        at..self.len
+    }
+}
+
+impl AsRef<[u8]> for Inline {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
