@@ -23,9 +23,11 @@
 //!
 //! The host's speed drifts here from run to run by more than the differences measured, and
 //! requests/s and CPU time follow it. A target's CPU over the upstream's in the same run
-//! cancels it: the steadiest figure to compare a build with another (within 2% from run to
-//! run). Between targets it also carries how each drives the upstream: keygate writes the
-//! heads of requests that arrived together at once, and its upstream's requests cost less.
+//! cancels most of it: the steadiest figure to compare a build with another, within 2% from
+//! run to run of one invocation (it still moved by 5% between two hours of the same day:
+//! builds are compared in invocations run back to back). Between targets it also carries how
+//! each drives the upstream: keygate writes the heads of requests that arrived together at
+//! once, and its upstream's requests cost less.
 //!
 //! Run: `cargo bench --bench load` (options after `--`: `--runs 5 --seconds 10
 //! --connections 64 --keys 1000 --big 1000000`). Installs nginx and wrk with apt-get when
@@ -285,7 +287,7 @@ struct Run {
     cpu_us: f64,
     /// CPU time of the upstream per request in the same run. Both follow the host's speed,
     /// which drifts from run to run here by more than the differences measured: a target's
-    /// CPU over the upstream's is steadier than either (within 2% from run to run).
+    /// CPU over the upstream's is steadier than either (see the top of this file).
     upstream_us: f64,
 }
 
