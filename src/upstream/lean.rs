@@ -1220,6 +1220,13 @@ mod tests {
         // closed under it; the GET goes again on a new one.
         assert_eq!(call(&pool, Method::GET).await.unwrap().1, "ok");
         assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+        // Sent again whole: its headers were not yet given over to an answer.
+        let heads = up.heads.lock().unwrap().clone();
+        assert!(heads.len() >= 2, "{heads:?}");
+        assert!(
+            heads.iter().all(|h| h.contains("\r\nuser-agent: test\r\n")),
+            "{heads:?}"
+        );
         // A POST is not sent twice: the upstream might have acted on it.
         assert!(call(&pool, Method::POST).await.is_err());
         assert_eq!(up.connections.load(Ordering::SeqCst), 2);
@@ -1375,19 +1382,24 @@ mod tests {
     /// The head of `raw` and its headers, read into a map that held a request's.
     fn head_and_headers(raw: &str) -> (Head, HeaderMap) {
         let mut read = BytesMut::from(raw);
-        let mut map = HeaderMap::new();
-        map.insert(&X_API_KEY, HeaderValue::from_static("kg_request_secret"));
+        let mut map = request_headers();
         match parse_head(&mut read, &mut Names::default(), &mut map).unwrap() {
             Parsed::Final(head) => (head, map),
             _ => panic!("not a final head: {raw:?}"),
         }
     }
 
+    /// A request's header map, as an answer's head is read into it.
+    fn request_headers() -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(&X_API_KEY, HeaderValue::from_static("kg_request_secret"));
+        map
+    }
+
     #[test]
     fn the_request_headers_stay_until_a_final_head_has_come_whole() {
         // A request sent again (its connection found closed) is written from them.
-        let mut map = HeaderMap::new();
-        map.insert(&X_API_KEY, HeaderValue::from_static("kg_request_secret"));
+        let mut map = request_headers();
         let mut names = Names::default();
         for partial in [
             "HTTP/1.1 200 OK\r\nX-Kept: 1\r\n",
