@@ -291,7 +291,10 @@ struct Run {
     upstream_us: f64,
 }
 
-fn wrk(t: &mut Target, script: &Path, seconds: u64, connections: usize) -> Run {
+/// One wrk run against `t`, the CPU time of `t` and of the upstream (process `upstream`)
+/// counted over it.
+fn wrk(t: &mut Target, upstream: u32, script: &Path, seconds: u64, connections: usize) -> Run {
+    let (cpu, upstream_cpu) = (tree_cpu_seconds(t.pid), tree_cpu_seconds(upstream));
     let output = pinned(0, "wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
         .arg("-s")
@@ -310,14 +313,15 @@ fn wrk(t: &mut Target, script: &Path, seconds: u64, connections: usize) -> Run {
         .split_whitespace()
         .map(|f| f.parse().unwrap())
         .collect();
-    t.next_key += fields[0] as u64;
+    let requests = fields[0];
+    t.next_key += requests as u64;
     Run {
-        per_second: fields[0] / (fields[1] / 1e6),
+        per_second: requests / (fields[1] / 1e6),
         p50_ms: fields[2] / 1e3,
         p99_ms: fields[3] / 1e3,
         failed: (fields[4] + fields[5]) as u64,
-        cpu_us: fields[0],
-        upstream_us: fields[0],
+        cpu_us: (tree_cpu_seconds(t.pid) - cpu) * 1e6 / requests,
+        upstream_us: (tree_cpu_seconds(upstream) - upstream_cpu) * 1e6 / requests,
     }
 }
 
@@ -506,14 +510,14 @@ fn main() {
             .find(|t| t.name.ends_with(&format!("keygate, {count} keys")))
             .unwrap();
         while metric(admin, MISSES) < count as f64 {
-            wrk(target, &script, 2, o.connections);
+            wrk(target, upstream.0.id(), &script, 2, o.connections);
         }
     }
     if let Some(only) = &o.only {
         targets.retain(|t| t.name.contains(only.as_str()));
     }
     for t in &mut targets {
-        wrk(t, &script, 2, o.connections);
+        wrk(t, upstream.0.id(), &script, 2, o.connections);
     }
     let misses_before = metric(keygate.admin, MISSES);
 
@@ -537,10 +541,7 @@ fn main() {
         for i in 0..targets.len() {
             run_only(&targets, Some(i));
             let t = &mut targets[i];
-            let (cpu, upstream_cpu) = (tree_cpu_seconds(t.pid), tree_cpu_seconds(always));
-            let mut r = wrk(t, &script, o.seconds, o.connections);
-            r.cpu_us = (tree_cpu_seconds(t.pid) - cpu) * 1e6 / r.cpu_us;
-            r.upstream_us = (tree_cpu_seconds(always) - upstream_cpu) * 1e6 / r.upstream_us;
+            let r = wrk(t, always, &script, o.seconds, o.connections);
             println!(
                 "  run {run}  {:<36} {:>9.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms  CPU {:>5.1} µs/req (upstream {:>4.1}){}",
                 t.name,
