@@ -3,6 +3,8 @@
 mod deadline;
 pub(crate) mod lean;
 mod pool;
+#[cfg(target_os = "linux")]
+mod uring;
 
 pub(crate) use deadline::Deadline;
 pub(crate) use lean::{LeanBody, LeanPool};
