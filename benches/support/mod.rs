@@ -79,6 +79,28 @@ pub(crate) fn tree_cpu_seconds(pid: u32) -> f64 {
     process_tree(pid).into_iter().map(cpu_seconds).sum()
 }
 
+/// Busy seconds of one CPU (user, nice, system, irq and softirq; not idle, iowait or steal),
+/// from /proc/stat: all that ran on it, the network work charged to no process included.
+pub(crate) fn core_busy_seconds(cpu: usize) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let name = format!("cpu{cpu}");
+    let Some(fields) = stat.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(name.as_str())).then(|| {
+            f.map(|t| t.parse::<f64>().unwrap_or(0.0))
+                .collect::<Vec<_>>()
+        })
+    }) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal ...
+    [0, 1, 2, 5, 6]
+        .iter()
+        .filter_map(|&i| fields.get(i))
+        .sum::<f64>()
+        / 100.0
+}
+
 /// A line of /proc/<pid>/status in MiB: `VmRSS` (now) or `VmHWM` (peak).
 pub(crate) fn memory_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
