@@ -16,9 +16,9 @@
 //! requests that arrived together go out together (see [`LeanPool::send`]). On a single-thread
 //! runtime (`workers: 1`) the pool's writer task writes them all, in one system call where
 //! the kernel allows it ([`super::uring`]), and a request's task next runs when its answer
-//! arrives. Letting each task run again to write its own head cost 1,800
-//! of 35,300 instructions a request (callgrind): hyper's dispatcher and every future of the
-//! request polled once more.
+//! arrives. Letting each task run again to write its own head cost 1,800 of 35,300
+//! instructions a request (callgrind): hyper's dispatcher and every future of the request
+//! polled once more.
 //!
 //! The response body is framed as RFC 9112 §6.3 says: none for HEAD, 1xx, 204 and 304;
 //! chunked; `Content-Length`; else until the upstream closes. A connection is used again
@@ -197,7 +197,7 @@ fn settle(mut out: MutexGuard<'_, Outgoing>, written: io::Result<bool>) {
 /// (see [`super::uring`] for why), else one by one.
 fn flush_all(batch: &[Arc<Io>]) {
     #[cfg(target_os = "linux")]
-    if batch.len() > 1 && flush_together(batch) {
+    if batch.len() > 1 && super::uring::available() && flush_together(batch) {
         return;
     }
     for io in batch {

@@ -44,6 +44,11 @@ thread_local! {
     );
 }
 
+/// Whether this thread has a ring: where it has not, a batch is not worth gathering for it.
+pub(super) fn available() -> bool {
+    RING.with_borrow(Option::is_some)
+}
+
 /// Sends each `(socket, bytes)` without waiting for room, in as few system calls as
 /// `io_uring` allows, and appends the outcome of each to `results`, in order: the count of
 /// bytes sent (possibly fewer than given), or the error. `WouldBlock` means not sent: the
@@ -145,10 +150,10 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     /// Whether this kernel lets a process use `io_uring` (else the tests have nothing to test).
-    fn available() -> bool {
+    fn ring_here() -> bool {
         let allowed = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
             .is_ok_and(|v| v.trim() == "0");
-        let has = RING.with_borrow(Option::is_some);
+        let has = super::available();
         assert!(
             has || !allowed,
             "io_uring is allowed here, yet no ring could be made"
@@ -165,7 +170,7 @@ mod tests {
 
     #[test]
     fn each_socket_receives_its_own_bytes() {
-        if !available() {
+        if !ring_here() {
             return;
         }
         let pairs: Vec<_> = (0..3).map(|_| connected()).collect();
@@ -189,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_full_socket_answers_would_block_and_the_others_are_sent() {
-        if !available() {
+        if !ring_here() {
             return;
         }
         let (full, _peer) = connected();
@@ -216,7 +221,7 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_the_ring_is_sent_whole() {
-        if !available() {
+        if !ring_here() {
             return;
         }
         let pairs: Vec<_> = (0..ENTRIES as usize + 5).map(|_| connected()).collect();
