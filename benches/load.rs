@@ -23,9 +23,10 @@
 //!
 //! The host's speed drifts here from run to run by more than the differences measured, and
 //! requests/s and CPU time follow it. A target's CPU over the upstream's in the same run
-//! cancels most of it: the steadiest figure to compare a build with another, within 2% from
-//! run to run of one invocation (it still moved by 5% between two hours of the same day:
-//! builds are compared in invocations run back to back). Between targets it also carries how
+//! cancels most of it: the steadiest figure to compare a build with another that drives the
+//! upstream alike, within 2% from run to run of one invocation (it still moved by 5% between
+//! two hours of the same day: builds are compared in invocations run back to back). Between
+//! targets, and builds that differ there, it also carries how
 //! each drives the upstream: keygate writes the heads of requests that arrived together at
 //! once, in one system call where it can (`upstream::uring`), which moves work between it and
 //! the upstream. CPU 1's busy time per request counts all that the shared core did for a
@@ -55,6 +56,9 @@ const TOKEN: &str = "bench-admin-token-0123456789";
 const MISSES: &str = "keygate_key_cache_lookups_total{result=\"miss\"}";
 const WRK_SCRIPT: &str = include_str!("rotate_keys.lua");
 const HYPER_ALONE: &str = "hyper alone (no key, no log)";
+/// wrk runs alone on this CPU; each target and the upstream share the other.
+const WRK_CPU: usize = 0;
+const SHARED_CPU: usize = 1;
 
 struct Options {
     runs: usize,
@@ -172,7 +176,7 @@ fn nginx_head(dir: &Path, name: &str) -> String {
 fn start_nginx(dir: &Path, name: &str, config: &str, port: u16) -> Killed {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, config).unwrap();
-    let child = pinned(1, nginx_binary())
+    let child = pinned(SHARED_CPU, nginx_binary())
         .args(["-e", "stderr", "-c"])
         .arg(&path)
         .stdout(Stdio::null())
@@ -261,7 +265,7 @@ fn start_keygate(dir: &Path, name: &str, count: usize, upstream: u16) -> Keygate
     )
     .unwrap();
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = pinned(1, env!("CARGO_BIN_EXE_keygate"))
+    let child = pinned(SHARED_CPU, env!("CARGO_BIN_EXE_keygate"))
         .args(["serve", "-c"])
         .arg(&config)
         .current_dir(dir)
@@ -303,8 +307,8 @@ struct Run {
 /// counted over it.
 fn wrk(t: &mut Target, upstream: u32, script: &Path, seconds: u64, connections: usize) -> Run {
     let (cpu, upstream_cpu) = (tree_cpu_seconds(t.pid), tree_cpu_seconds(upstream));
-    let core = core_busy_seconds(1);
-    let output = pinned(0, "wrk")
+    let core = core_busy_seconds(SHARED_CPU);
+    let output = pinned(WRK_CPU, "wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
         .arg("-s")
         .arg(script)
@@ -331,7 +335,7 @@ fn wrk(t: &mut Target, upstream: u32, script: &Path, seconds: u64, connections: 
         failed: (fields[4] + fields[5]) as u64,
         cpu_us: (tree_cpu_seconds(t.pid) - cpu) * 1e6 / requests,
         upstream_us: (tree_cpu_seconds(upstream) - upstream_cpu) * 1e6 / requests,
-        core_us: (core_busy_seconds(1) - core) * 1e6 / requests,
+        core_us: (core_busy_seconds(SHARED_CPU) - core) * 1e6 / requests,
     }
 }
 
@@ -432,7 +436,7 @@ fn hyper_alone(port: u16, upstream: u16) -> ! {
 
 fn start_hyper_alone(upstream: u16) -> (Killed, u16) {
     let port = free_port();
-    let child = pinned(1, std::env::current_exe().unwrap())
+    let child = pinned(SHARED_CPU, std::env::current_exe().unwrap())
         .args(["--hyper-alone", &port.to_string(), &upstream.to_string()])
         .spawn()
         .unwrap();

@@ -1397,13 +1397,13 @@ mod tests {
             }
             let heads = up.heads.lock().unwrap().clone();
             assert_eq!(heads.len(), 6);
-            assert_eq!(
-                heads
-                    .iter()
-                    .filter(|h| h.contains(&format!("\r\nx-data: {big}\r\n")))
-                    .count(),
-                1
-            );
+            // Each head whole and once: its own value, ending where the head ends.
+            for (value, times) in [("a", 1), ("b", 1), ("c", 1), ("small", 2), (&big, 1)] {
+                let line = format!("\r\nx-data: {value}\r\n");
+                let found = heads.iter().filter(|h| h.contains(&line)).count();
+                assert_eq!(found, times, "x-data: {:.20}", value);
+            }
+            assert!(heads.iter().all(|h| h.ends_with("\r\n\r\n")));
             assert_eq!(up.connections.load(Ordering::SeqCst), 3);
         });
     }
