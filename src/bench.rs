@@ -31,7 +31,7 @@ impl HotPath {
     /// credential, shape and checksum, digest, cache (else store) lookup, status, usage record
     /// and both rate-limit windows. `true` when it would be forwarded.
     pub async fn admit(&self, headers: &HeaderMap, client_ip: IpAddr) -> bool {
-        let now = jiff::Timestamp::now();
+        let now = crate::clock::now();
         let Ok((key, _)) = self.gateway.authenticate(headers, client_ip, now).await else {
             return false;
         };

@@ -5,7 +5,7 @@
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use hyper::header::HeaderValue;
@@ -112,7 +112,6 @@ impl Hasher for DigestHasher {
 #[derive(Debug)]
 pub(crate) struct KeyCache {
     map: DashMap<[u8; 32], Entry, BuildHasherDefault<DigestHasher>>,
-    epoch: Instant,
     defaults: Limits,
     profiles: Profiles,
     ttl: Duration,
@@ -125,7 +124,6 @@ impl KeyCache {
     pub(crate) fn new(config: &CacheConfig, defaults: Limits) -> KeyCache {
         KeyCache {
             map: DashMap::with_hasher_and_shard_amount(Default::default(), crate::KEY_MAP_SHARDS),
-            epoch: Instant::now(),
             defaults,
             profiles: DashMap::default(),
             ttl: config.ttl,
@@ -168,10 +166,11 @@ impl KeyCache {
         Arc::clone(&self.profiles.entry(key).or_insert(profile))
     }
 
-    /// Milliseconds on the cache's clock. It starts 2^40 ms (35 years) in, so that "fetched a
-    /// `ttl` ago" can be written however young the process is.
+    /// Milliseconds on the cache's clock, coarse ([`crate::clock`]): ages are compared with
+    /// ttls of seconds. It starts 2^40 ms (35 years) in, so that "fetched a `ttl` ago" can be
+    /// written however young the machine is.
     fn now_ms(&self) -> u64 {
-        (1 << 40) + self.epoch.elapsed().as_millis() as u64
+        (1 << 40) + crate::clock::monotonic_ms()
     }
 
     pub(crate) fn get(&self, hash: &[u8; 32]) -> Lookup {

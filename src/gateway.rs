@@ -235,8 +235,9 @@ impl Gateway {
             trace.route = Some(route.index);
             trace.client_ip = self.client_ip(req.headers(), peer.ip());
 
-            // One reading of the wall clock for the key's status and its last use.
-            let now = Timestamp::now();
+            // One reading of the wall clock for the key's status and its last use; a coarse one
+            // (milliseconds are stored, and expiry is in seconds).
+            let now = crate::clock::now();
             let (key, carried) = match route.auth {
                 AuthMode::None => (None, None),
                 AuthMode::Required => {
@@ -328,7 +329,10 @@ impl Gateway {
             .lookup(&hash)
             .await?
             .ok_or(GatewayError::InvalidApiKey)?;
-        match key.status(now) {
+        // `now` is coarse (`crate::clock`), up to a tick behind: judged a tick ahead, a key that
+        // expired a moment ago (rotated with no grace) is never let through, at the price of
+        // ending a key's life up to a tick early.
+        match key.status(now + crate::clock::lag()) {
             Status::Revoked => Err(GatewayError::RevokedApiKey),
             Status::Expired => Err(GatewayError::ExpiredApiKey),
             Status::Active | Status::ExpiringSoon => Ok((key, carried)),

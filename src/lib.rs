@@ -33,6 +33,7 @@ pub mod tls;
 
 mod admin;
 mod cache;
+mod clock;
 mod gateway;
 mod key_state;
 mod metrics;
