@@ -56,12 +56,18 @@ mod tests {
 
     #[test]
     fn coarse_clocks_follow_the_precise_ones_within_a_tick() {
-        let tick = jiff::SignedDuration::from_millis(20);
+        let tick = SignedDuration::from_millis(20);
         let (before, coarse) = (Timestamp::now(), now());
         assert!(
             coarse.duration_since(before).abs() < tick,
             "{coarse} vs {before}"
         );
+        // What `lag` promises, on which expiry relies: the coarse clock plus it is never
+        // behind the precise one.
+        for _ in 0..10_000 {
+            let precise = Timestamp::now();
+            assert!(now() + lag() >= precise, "lag {:?}", lag());
+        }
         let (start, started) = (std::time::Instant::now(), monotonic_ms());
         std::thread::sleep(std::time::Duration::from_millis(100));
         let (waited, coarse_waited) =
