@@ -52,11 +52,22 @@ impl CachedKey {
         &self.state.id
     }
 
-    /// The key's status now, as [`KeyRecord::status`] computes it.
+    /// The key's status at `now`, a coarse reading ([`crate::clock::now`]), as
+    /// [`KeyRecord::status`] computes it. Within a second of the key's expiry the precise clock
+    /// decides instead: the coarse one lags by a tick or more (longer while the CPU keeping
+    /// time is descheduled, on a busy VM), and a key rotated with no grace must be refused at
+    /// once.
     pub(crate) fn status(&self, now: jiff::Timestamp) -> Status {
+        let now = match self.expires_at {
+            Some(at) if at.duration_since(now).abs() < NEAR_EXPIRY => jiff::Timestamp::now(),
+            _ => now,
+        };
         crate::key::status_at(self.revoked, self.expires_at, now)
     }
 }
+
+/// How near its expiry a key's status is decided on the precise clock; see [`CachedKey::status`].
+const NEAR_EXPIRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(1);
 
 /// A key id's `Arc` as the bytes of a header value.
 struct IdBytes(Arc<str>);
@@ -235,5 +246,38 @@ impl KeyCache {
                 age < negative_ttl
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key_state::KeyStates;
+
+    fn expiring_at(at: jiff::Timestamp) -> CachedKey {
+        let limits = Limits {
+            per_minute: 100,
+            per_second: 10,
+        };
+        let cache = KeyCache::new(&CacheConfig::default(), limits);
+        let (_, mut record) = crate::bench::keys(1, "kg_").remove(0);
+        record.expires_at = Some(at);
+        let state = KeyStates::new().of(&record.id);
+        cache.build(record, state)
+    }
+
+    /// A coarse reading lagging behind (a busy VM) must not let through a key that expired a
+    /// moment ago, as one rotated with no grace does.
+    #[test]
+    fn near_its_expiry_a_key_is_judged_on_the_precise_clock() {
+        let precise = jiff::Timestamp::now();
+        let lagging = precise - jiff::SignedDuration::from_millis(30);
+        let just_expired = expiring_at(precise - jiff::SignedDuration::from_millis(1));
+        assert_eq!(just_expired.status(lagging), Status::Expired);
+        // Far from it, the reading given decides: nothing else is asked of the clock.
+        let in_an_hour = expiring_at(precise + jiff::SignedDuration::from_secs(3600));
+        assert_eq!(in_an_hour.status(precise), Status::ExpiringSoon);
+        let long_gone = expiring_at(precise - jiff::SignedDuration::from_secs(3600));
+        assert_eq!(long_gone.status(precise), Status::Expired);
     }
 }

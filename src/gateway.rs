@@ -329,10 +329,7 @@ impl Gateway {
             .lookup(&hash)
             .await?
             .ok_or(GatewayError::InvalidApiKey)?;
-        // `now` is coarse (`crate::clock`), up to a tick behind: judged `lag` (two ticks) ahead,
-        // a key that expired a moment ago (rotated with no grace) is never let through, at the
-        // price of ending a key's life up to two ticks (8 ms here) early.
-        match key.status(now + crate::clock::lag()) {
+        match key.status(now) {
             Status::Revoked => Err(GatewayError::RevokedApiKey),
             Status::Expired => Err(GatewayError::ExpiredApiKey),
             Status::Active | Status::ExpiringSoon => Ok((key, carried)),
