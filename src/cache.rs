@@ -274,9 +274,12 @@ mod tests {
         let lagging = precise - jiff::SignedDuration::from_millis(30);
         let just_expired = expiring_at(precise - jiff::SignedDuration::from_millis(1));
         assert_eq!(just_expired.status(lagging), Status::Expired);
-        // Far from it, the reading given decides: nothing else is asked of the clock.
+        // Far from it, the reading given decides: nothing else is asked of the clock (a reading
+        // two hours on finds the key expired, whatever the time).
         let in_an_hour = expiring_at(precise + jiff::SignedDuration::from_secs(3600));
         assert_eq!(in_an_hour.status(precise), Status::ExpiringSoon);
+        let two_hours_on = precise + jiff::SignedDuration::from_secs(7200);
+        assert_eq!(in_an_hour.status(two_hours_on), Status::Expired);
         let long_gone = expiring_at(precise - jiff::SignedDuration::from_secs(3600));
         assert_eq!(long_gone.status(precise), Status::Expired);
     }

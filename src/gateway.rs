@@ -235,8 +235,9 @@ impl Gateway {
             trace.route = Some(route.index);
             trace.client_ip = self.client_ip(req.headers(), peer.ip());
 
-            // One reading of the wall clock for the key's status and its last use; a coarse one
-            // (milliseconds are stored, and expiry is in seconds).
+            // One reading of the wall clock for the key's status and its last use, a coarse one:
+            // milliseconds are stored, and near a key's expiry `CachedKey::status` asks the
+            // precise clock itself.
             let now = crate::clock::now();
             let (key, carried) = match route.auth {
                 AuthMode::None => (None, None),
