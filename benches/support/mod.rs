@@ -79,26 +79,37 @@ pub(crate) fn tree_cpu_seconds(pid: u32) -> f64 {
     process_tree(pid).into_iter().map(cpu_seconds).sum()
 }
 
-/// Busy seconds of one CPU (user, nice, system, irq and softirq; not idle, iowait or steal),
-/// from /proc/stat: all that ran on it, the network work charged to no process included.
-pub(crate) fn core_busy_seconds(cpu: usize) -> f64 {
+/// Seconds of one CPU from /proc/stat, since boot.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CoreSeconds {
+    /// User, nice, system, irq and softirq (not idle, iowait or steal): all that ran on it,
+    /// the network work charged to no process included.
+    pub(crate) busy: f64,
+    /// Taken by the hypervisor for other guests while this one had work for the CPU.
+    pub(crate) steal: f64,
+    /// All of it, idle included.
+    pub(crate) all: f64,
+}
+
+pub(crate) fn core_seconds(cpu: usize) -> CoreSeconds {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let name = format!("cpu{cpu}");
     let Some(fields) = stat.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         (f.next() == Some(name.as_str())).then(|| {
-            f.map(|t| t.parse::<f64>().unwrap_or(0.0))
+            f.map(|t| t.parse::<f64>().unwrap_or(0.0) / 100.0)
                 .collect::<Vec<_>>()
         })
     }) else {
-        return 0.0;
+        return CoreSeconds::default();
     };
-    // user nice system idle iowait irq softirq steal ...
-    [0, 1, 2, 5, 6]
-        .iter()
-        .filter_map(|&i| fields.get(i))
-        .sum::<f64>()
-        / 100.0
+    // user nice system idle iowait irq softirq steal (guest and guest_nice are within user)
+    let sum = |i: &[usize]| i.iter().filter_map(|&i| fields.get(i)).sum::<f64>();
+    CoreSeconds {
+        busy: sum(&[0, 1, 2, 5, 6]),
+        steal: sum(&[7]),
+        all: sum(&[0, 1, 2, 3, 4, 5, 6, 7]),
+    }
 }
 
 /// A line of /proc/<pid>/status in MiB: `VmRSS` (now) or `VmHWM` (peak).
