@@ -90,9 +90,10 @@ pub fn is_well_formed(secret: &str, prefix: &str) -> bool {
         return false;
     }
     let (signed, checksum) = secret.split_at(secret.len() - CHECKSUM_LEN);
-    let mut expected = [0u8; CHECKSUM_LEN];
-    encode_checksum(crc32fast::hash(signed.as_bytes()), &mut expected);
-    checksum.as_bytes() == expected
+    // The six digits are decoded (multiplications) rather than the CRC encoded to compare
+    // with them: base62 encodes through u128, six divisions by 62 in software. Either way
+    // one string matches, its digits zero-padded to six.
+    base62::decode(checksum).is_ok_and(|n| n == u128::from(crc32fast::hash(signed.as_bytes())))
 }
 
 /// A new random secret with a valid checksum.
@@ -160,6 +161,14 @@ mod tests {
         encode_checksum(1094712787, &mut out);
         assert_eq!(&out, b"1C5Inr");
         assert!(is_well_formed(&format!("{body}1C5Inr"), "kg_"));
+        // Every digit counts, and so does a letter's case (C is 12, c is 38).
+        for at in 0..6 {
+            let mut wrong = *b"1C5Inr";
+            wrong[at] = if wrong[at] == b'0' { b'1' } else { b'0' };
+            let wrong = std::str::from_utf8(&wrong).unwrap();
+            assert!(!is_well_formed(&format!("{body}{wrong}"), "kg_"), "{wrong}");
+        }
+        assert!(!is_well_formed(&format!("{body}1c5Inr"), "kg_"));
         // Small values are left-padded with zeros.
         encode_checksum(61, &mut out);
         assert_eq!(&out, b"00000z");
