@@ -32,6 +32,43 @@ use crate::usage::UsageRecorder;
 /// exchange), or one of ours.
 pub(crate) type Body = Either<Either<PooledBody, LeanBody>, Full<Bytes>>;
 
+/// A request's body: hyper's, or none for a request read by the server's own HTTP/1 path
+/// (`server::http1`), which takes only requests without one.
+#[derive(Debug)]
+pub(crate) enum RequestBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(body) => std::pin::Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            RequestBody::Hyper(body) => body.size_hint(),
+            RequestBody::Empty => hyper::body::SizeHint::with_exact(0),
+        }
+    }
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -153,7 +190,7 @@ impl Gateway {
     )]
     pub(crate) fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: &Peer,
         tls: bool,
     ) -> impl Future<Output = Response<Body>> {
@@ -217,7 +254,7 @@ impl Gateway {
     )]
     fn pipeline(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: &Peer,
         tls: bool,
         trace: &mut Trace,
@@ -413,7 +450,7 @@ impl Gateway {
     )]
     fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         route: &Route,
         key: Option<&CachedKey>,
         carried: Option<CarriedBy>,

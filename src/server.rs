@@ -28,14 +28,16 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::config::{Backend, Config, Scope};
 use crate::error_chain;
-use crate::gateway::{Gateway, Peer};
+use crate::gateway::{Gateway, Peer, RequestBody};
 use crate::metrics::StoreOp;
 use crate::ratelimit::GlobalLimiter;
 use crate::store::{RedisStore, SqliteStore, Store, StoreError};
 use crate::tls::{Certificates, TlsError};
 
+mod http1;
 mod watchdog;
 
+use http1::{Left, Rewind};
 use watchdog::{Tracked, Watchdog, Watched};
 
 /// How often idle limiter, cache and failed-auth state is dropped.
@@ -183,14 +185,15 @@ pub async fn run(
     tracing::info!(addr = ?data_addr, "data plane listening");
     tracing::info!(addr = ?admin_addr, "admin API listening");
 
+    // Above max_header_bytes, so our own check answers 431 with problem+json.
+    let max_buf_size = (config.limits.max_header_bytes + 4096).max(8192);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         // Kept by our watchdog (see `watchdog`), not by a timer of hyper's per request.
         .header_read_timeout(None)
-        // Above max_header_bytes, so our own check answers 431 with problem+json.
-        .max_buf_size((config.limits.max_header_bytes + 4096).max(8192));
+        .max_buf_size(max_buf_size);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -214,9 +217,13 @@ pub async fn run(
     });
     let gw = Arc::clone(&gateway);
     let tls = certificates.is_some();
+    // The data plane's plain HTTP/1.1 requests take the server's own path; a TLS listener's
+    // all go to hyper (see `http1`).
+    let own_http1 = (!tls).then_some(max_buf_size);
     let data = tokio::spawn(accept_loop(
         listeners.data,
         certificates,
+        own_http1,
         builder.clone(),
         config.limits.max_connections,
         gateway.metrics.connections_active.clone(),
@@ -238,6 +245,7 @@ pub async fn run(
     ));
     let admin_task = tokio::spawn(accept_loop(
         listeners.admin,
+        None,
         None,
         builder,
         1024,
@@ -336,11 +344,13 @@ async fn background(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 
 /// Accepts connections until stopped, at most `max_connections` at once; then waits up to
 /// `drain` for open connections to finish. Returns how many were cut. `handler_for` makes a
-/// connection's request handler from its peer address, once per connection.
+/// connection's request handler from its peer address, once per connection. With `own_http1`
+/// (hyper's `max_buf_size`), plain connections start on the server's own HTTP/1 path.
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop<F, H, Fut, B>(
     listener: TcpListener,
     tls: Option<Arc<Certificates>>,
+    own_http1: Option<usize>,
     builder: auto::Builder<TokioExecutor>,
     max_connections: usize,
     active: IntGauge,
@@ -351,7 +361,7 @@ async fn accept_loop<F, H, Fut, B>(
 ) -> usize
 where
     F: Fn(SocketAddr) -> H,
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
@@ -381,27 +391,39 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler_for(peer);
+        let own = handler.clone();
         let watch = watchdog.watch();
         let marks = Arc::clone(&watch);
         let service = service_fn(move |req: Request<Incoming>| {
             let serving = marks.serving(req.version());
             // Boxed: a request's future is a few KB, and hyper moves what it is given.
-            let response = Box::pin(handler(req));
+            let response = Box::pin(handler(req.map(RequestBody::Hyper)));
             async move { Ok::<_, Infallible>(response.await.map(|b| Tracked::new(b, serving))) }
         });
         let (builder, active) = (Arc::clone(&builder), active.clone());
         let tls = tls.as_ref().map(|c| TlsAcceptor::from(c.current()));
         tokio::spawn(async move {
             active.inc();
-            let result = match tls {
-                None => {
+            let result = match (tls, own_http1) {
+                (None, Some(max_head)) => {
+                    match http1::serve(&stream, &own, &watch, max_head).await {
+                        Ok(Left::Closed) => Ok(()),
+                        Ok(Left::ToHyper(read)) => {
+                            let io = Rewind::new(read, TokioIo::new(stream));
+                            let connection = builder.serve_connection_with_upgrades(io, service);
+                            Watched::new(connection.into_owned(), watch).await
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                (None, None) => {
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     Watched::new(connection.into_owned(), watch).await
                 }
                 // The handshake is bounded like the header read: a client that opens a
                 // connection and sends nothing does not hold it open.
-                Some(acceptor) => {
+                (Some(acceptor), _) => {
                     match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let connection = builder

@@ -550,6 +550,52 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
     assert_eq!(status, 200);
 }
 
+/// Requests sent back to back on one connection are answered in order, whichever of the
+/// gateway's two HTTP/1 paths reads them (a request with a body moves the connection from its
+/// own to hyper's), each with a `Date`; `Connection: close` ends the connection after its
+/// answer.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_close_ends_the_connection() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream, "").await;
+    let (_, secret) = gateway.create_simple_key("pipeline").await;
+    let get = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {secret}\r\n{extra}\r\n")
+    };
+    let requests = get("/v1/first", "")
+        + &get("/v1/second", "")
+        + &format!(
+            "POST /v1/third HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {secret}\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        + &get("/v1/fourth", "Connection: close\r\n");
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection stayed open after `Connection: close`")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let answers: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).collect();
+    let paths = ["/v1/first", "/v1/second", "/v1/third", "/v1/fourth"];
+    assert_eq!(answers.len(), paths.len(), "{answer}");
+    for (one, path) in answers.iter().zip(paths) {
+        assert!(one.starts_with("200 OK\r\n"), "{path}: {one}");
+        assert!(
+            one.contains(&format!("\"path\":\"{path}\"")),
+            "{path} not answered in its place: {answer}"
+        );
+        assert!(one.contains("\r\ndate: "), "{path} has no Date: {one}");
+        assert_eq!(upstream.count(path), 1, "{path}");
+    }
+    assert!(answers[2].contains("\"body_bytes\":5"), "{}", answers[2]);
+    assert!(
+        answers[3].contains("\r\nconnection: close\r\n"),
+        "the last answer does not say it closes: {}",
+        answers[3]
+    );
+}
+
 #[test]
 fn check_config_reads_the_tls_files_and_names_each_bad_one() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::gateway::RequestBody;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use jiff::{SignedDuration, Timestamp};
@@ -26,7 +26,7 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 pub(super) async fn dispatch(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     segments: &[&str],
 ) -> Result<Response<Full<Bytes>>, AdminError> {
     match (req.method().clone(), segments) {
@@ -119,7 +119,7 @@ fn created(body: &Value, id: &str) -> Response<Full<Bytes>> {
 
 async fn create(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Full<Bytes>>, AdminError> {
     let input: CreateKey = read_json(req, "").await?;
     let now = Timestamp::now();
@@ -188,7 +188,7 @@ async fn create(
 }
 
 /// Query parameters, percent-decoded.
-fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+fn query(req: &Request<RequestBody>) -> Vec<(String, String)> {
     form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .into_owned()
         .collect()
@@ -196,7 +196,7 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
 
 async fn list(
     gw: &Arc<Gateway>,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> Result<Response<Full<Bytes>>, AdminError> {
     let mut filter = KeyFilter::default();
     let mut status = None;
@@ -247,7 +247,7 @@ async fn show(gw: &Arc<Gateway>, id: &str) -> Result<Response<Full<Bytes>>, Admi
 
 async fn edit(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
 ) -> Result<Response<Full<Bytes>>, AdminError> {
     let body: serde_json::Map<String, Value> = read_json(req, "{}").await?;
@@ -307,7 +307,7 @@ struct RotateInput {
 
 async fn rotate(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
 ) -> Result<Response<Full<Bytes>>, AdminError> {
     let input: RotateInput = read_json(req, "{}").await?;
@@ -352,7 +352,7 @@ async fn rotate(
 
 async fn audit(
     gw: &Arc<Gateway>,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> Result<Response<Full<Bytes>>, AdminError> {
     let mut key_id = None;
     let mut limit = 100usize;

@@ -5,9 +5,9 @@ mod keys;
 
 use std::sync::Arc;
 
+use crate::gateway::RequestBody;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -134,7 +134,7 @@ impl Admin {
         Admin { gateway, token }
     }
 
-    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub(crate) async fn handle(&self, req: Request<RequestBody>) -> Response<Full<Bytes>> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let response = match self.route(req).await {
@@ -151,7 +151,7 @@ impl Admin {
         response
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, AdminError> {
+    async fn route(&self, req: Request<RequestBody>) -> Result<Response<Full<Bytes>>, AdminError> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         match (req.method(), segments.as_slice()) {
@@ -192,7 +192,7 @@ impl Admin {
         }
     }
 
-    fn authorize(&self, req: &Request<Incoming>) -> Result<(), AdminError> {
+    fn authorize(&self, req: &Request<RequestBody>) -> Result<(), AdminError> {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -232,7 +232,7 @@ fn json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 /// Reads a JSON body (at most 1 MiB). Syntax errors are 400; a field of the wrong type,
 /// missing or unknown is 422 naming the field.
 async fn read_json<T: DeserializeOwned>(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     empty_as: &str,
 ) -> Result<T, AdminError> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)

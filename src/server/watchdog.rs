@@ -128,6 +128,18 @@ impl Watch {
         self.task.wake();
     }
 
+    /// Whether the connection is to close now: it waited too long for a head, or the gateway
+    /// is stopping. Registers `waker` first, so a flag set after the reading wakes it.
+    pub(super) fn flagged(&self, waker: &std::task::Waker) -> bool {
+        self.task.register(waker);
+        self.flags.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the gateway is stopping: the answer in flight is the connection's last.
+    pub(super) fn stopping(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & STOP != 0
+    }
+
     /// A request's head has arrived: the connection is busy until the returned guard, which
     /// goes into the response body, is dropped with it.
     pub(super) fn serving(self: &Arc<Self>, version: Version) -> Serving {

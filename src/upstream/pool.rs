@@ -39,7 +39,7 @@ struct Idle<B> {
 
 /// The connections of one route's upstream.
 #[derive(Debug)]
-pub(crate) struct Pool<B = Incoming> {
+pub(crate) struct Pool<B = crate::gateway::RequestBody> {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/`: what the connector dials (and names in TLS SNI).
     target: Uri,
@@ -161,7 +161,7 @@ impl<B> Pool<B> {
 /// An upstream response body that returns its connection to the pool once read to the end.
 /// Dropped before the end (the client went away), the connection is closed with it.
 #[derive(Debug)]
-pub(crate) struct PooledBody<B = Incoming> {
+pub(crate) struct PooledBody<B = crate::gateway::RequestBody> {
     inner: Incoming,
     back: Option<(http1::SendRequest<B>, Arc<Pool<B>>)>,
 }
