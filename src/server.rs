@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -404,9 +405,15 @@ where
         let tls = tls.as_ref().map(|c| TlsAcceptor::from(c.current()));
         tokio::spawn(async move {
             active.inc();
-            let result = match (tls, own_http1) {
-                (None, Some(max_head)) => {
-                    match http1::serve(&stream, &own, &watch, max_head).await {
+            let result = match tls {
+                None => {
+                    // Where the listener has it, the own path serves first; hyper takes the
+                    // connection from where it stopped.
+                    let served = match own_http1 {
+                        Some(max_head) => http1::serve(&stream, &own, &watch, max_head).await,
+                        None => Ok(Left::ToHyper(Bytes::new())),
+                    };
+                    match served {
                         Ok(Left::Closed) => Ok(()),
                         Ok(Left::ToHyper(read)) => {
                             let io = Rewind::new(read, TokioIo::new(stream));
@@ -416,14 +423,9 @@ where
                         Err(e) => Err(e.into()),
                     }
                 }
-                (None, None) => {
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    Watched::new(connection.into_owned(), watch).await
-                }
                 // The handshake is bounded like the header read: a client that opens a
                 // connection and sends nothing does not hold it open.
-                (Some(acceptor), _) => {
+                Some(acceptor) => {
                     match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let connection = builder

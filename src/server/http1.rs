@@ -214,9 +214,13 @@ fn build(head: &httparse::Request<'_, '_>, bytes: &Bytes) -> Option<(Request<Req
 /// How a response's body is framed on the wire.
 #[derive(Clone, Copy, PartialEq)]
 enum Framing {
-    None,
+    /// 1xx, 204 and 304 have none.
+    Bodiless,
     Length(u64),
     Chunked,
+    /// A `Content-Length` that is not one number: the body is sent as it is, and ends with
+    /// the connection.
+    UntilClose,
 }
 
 /// Writes `response`: its head, then its body, in as few writes as the body allows. Whether
@@ -224,7 +228,7 @@ enum Framing {
 async fn respond<B>(
     stream: &TcpStream,
     response: Response<B>,
-    mut close: bool,
+    close: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<bool>
 where
@@ -232,9 +236,85 @@ where
     B::Error: Into<BoxError>,
 {
     let (parts, mut body) = response.into_parts();
-    let status = parts.status;
-    let headers = &parts.headers;
     out.clear();
+    let (framing, close) = encode_head(&parts, body.size_hint().exact(), close, out);
+    let mut sent: u64 = 0;
+    let mut complete = true;
+    // A body without framing (an unparsable length) goes until the close.
+    if framing != Framing::Bodiless {
+        loop {
+            // The data already there goes out with the head; the rest as it comes.
+            let frame = match next_frame(&mut body).now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    write_all(stream, out).await?;
+                    out.clear();
+                    next_frame(&mut body).await
+                }
+            };
+            let mut data = match frame {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "response body failed; closing the connection");
+                    complete = false;
+                    break;
+                }
+                // Trailers are dropped, as hyper drops them for a client that did not ask.
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+            };
+            let len = data.remaining();
+            if len == 0 {
+                continue;
+            }
+            sent += len as u64;
+            if framing == Framing::Chunked {
+                let _ = write!(out, "{len:x}\r\n");
+            }
+            if len > COPY_AT_MOST {
+                write_all(stream, out).await?;
+                out.clear();
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                let n = chunk.len();
+                if len > COPY_AT_MOST {
+                    write_all(stream, chunk).await?;
+                } else {
+                    out.extend_from_slice(chunk);
+                }
+                data.advance(n);
+            }
+            if framing == Framing::Chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if framing == Framing::Chunked && complete {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    write_all(stream, out).await?;
+    out.clear();
+    let whole = match framing {
+        Framing::Length(length) => sent == length,
+        Framing::Chunked | Framing::Bodiless | Framing::UntilClose => true,
+    };
+    Ok(complete && whole && !close)
+}
+
+/// Writes the head of an answer into `out`, given the length of its body when known whole:
+/// the status line, the answer's headers, then as hyper adds them the framing header, `Date`
+/// when missing and `connection: close` when closing. How the body is framed, and whether the
+/// connection closes after it (`close`, or the answer says so).
+fn encode_head(
+    parts: &hyper::http::response::Parts,
+    exact: Option<u64>,
+    mut close: bool,
+    out: &mut Vec<u8>,
+) -> (Framing, bool) {
+    let (status, headers) = (parts.status, &parts.headers);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -244,28 +324,20 @@ where
     }
     out.extend_from_slice(b"\r\n");
 
-    // After the answer's own headers, as hyper writes them.
-    let mut add_length = false;
-    let bodiless = status.is_informational()
+    let framing = if status.is_informational()
         || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let framing = if bodiless {
-        Framing::None
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Bodiless
     } else if let Some(length) = headers.get(header::CONTENT_LENGTH) {
         match length.to_str().ok().and_then(|l| l.parse().ok()) {
             Some(length) => Framing::Length(length),
-            // Not one number: sent as it is, and the end of the body is the close.
-            None => {
-                close = true;
-                Framing::None
-            }
+            None => Framing::UntilClose,
         }
-    } else if let Some(length) = body.size_hint().exact() {
-        add_length = true;
-        Framing::Length(length)
     } else {
-        Framing::Chunked
+        exact.map_or(Framing::Chunked, Framing::Length)
     };
+    close |= framing == Framing::UntilClose;
     let mut said_close = false;
     for (name, value) in headers {
         if name == header::TRANSFER_ENCODING {
@@ -281,7 +353,7 @@ where
         out.extend_from_slice(b"\r\n");
     }
     match framing {
-        Framing::Length(length) if add_length => {
+        Framing::Length(length) if !headers.contains_key(header::CONTENT_LENGTH) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -298,75 +370,7 @@ where
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-
-    let mut sent: u64 = 0;
-    let mut complete = true;
-    // A body without framing (an unparsable length) goes until the close.
-    if !bodiless {
-        loop {
-            // The data already there goes out with the head; the rest as it comes.
-            let frame = match next_frame(&mut body).now_or_never() {
-                Some(frame) => frame,
-                None => {
-                    write_all(stream, out).await?;
-                    out.clear();
-                    next_frame(&mut body).await
-                }
-            };
-            let data = match frame {
-                None => break,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "response body failed; closing the connection");
-                    complete = false;
-                    break;
-                }
-                // Trailers are dropped, as hyper drops them for a client that did not ask.
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_) => continue,
-                },
-            };
-            let mut data = data;
-            let len = data.remaining();
-            if len == 0 {
-                continue;
-            }
-            sent += len as u64;
-            if framing == Framing::Chunked {
-                let _ = write!(out, "{len:x}\r\n");
-            }
-            if len > COPY_AT_MOST {
-                write_all(stream, out).await?;
-                out.clear();
-                while data.has_remaining() {
-                    let chunk = data.chunk();
-                    let n = chunk.len();
-                    write_all(stream, chunk).await?;
-                    data.advance(n);
-                }
-            } else {
-                while data.has_remaining() {
-                    let chunk = data.chunk();
-                    let n = chunk.len();
-                    out.extend_from_slice(chunk);
-                    data.advance(n);
-                }
-            }
-            if framing == Framing::Chunked {
-                out.extend_from_slice(b"\r\n");
-            }
-        }
-        if framing == Framing::Chunked && complete {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
-    }
-    write_all(stream, out).await?;
-    out.clear();
-    let whole = match framing {
-        Framing::Length(length) => sent == length,
-        Framing::Chunked | Framing::None => true,
-    };
-    Ok(complete && whole && !close)
+    (framing, close)
 }
 
 /// The body's next frame, its error made one that can cross an `await` in a spawned task.
@@ -525,6 +529,64 @@ mod tests {
         ] {
             assert!(matches!(parsed(other), Parsed::NotHere), "{other:?}");
         }
+    }
+
+    fn head(response: Response<()>, exact: Option<u64>, close: bool) -> (String, bool, bool) {
+        let (parts, ()) = response.into_parts();
+        let mut out = Vec::new();
+        let (framing, close) = encode_head(&parts, exact, close, &mut out);
+        let chunked = framing == Framing::Chunked;
+        (String::from_utf8(out).unwrap(), chunked, close)
+    }
+
+    #[test]
+    fn answers_are_framed_as_hyper_frames_them() {
+        let answer = |status: u16, headers: &[(&str, &str)]| {
+            let mut response = Response::new(());
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (name, value) in headers {
+                response.headers_mut().append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            response
+        };
+        let date = "date: Thu, 01 Jan 2026 00:00:00 GMT";
+        let dated = [("date", &date[6..])];
+        // A body known whole gets its length after the answer's headers; one of unknown
+        // length is chunked; neither closes.
+        let (text, chunked, close) = head(answer(200, &dated), Some(2), false);
+        assert_eq!(
+            text,
+            format!("HTTP/1.1 200 OK\r\n{date}\r\ncontent-length: 2\r\n\r\n")
+        );
+        assert!(!chunked && !close);
+        let (text, chunked, _) = head(answer(200, &dated), None, false);
+        assert!(
+            text.ends_with("transfer-encoding: chunked\r\n\r\n") && chunked,
+            "{text}"
+        );
+        // No body for 204 and 304, and the answer's own length is kept, not repeated.
+        let (text, ..) = head(answer(304, &[("content-length", "9")]), Some(0), false);
+        assert!(text.contains("content-length: 9\r\n") && !text.contains("content-length: 0"));
+        let (text, ..) = head(answer(204, &dated), Some(0), false);
+        assert!(
+            !text.contains("content-length") && !text.contains("chunked"),
+            "{text}"
+        );
+        // A Date is added when missing; closing says so once; a length that is not one
+        // number is sent as it is, and the body ends with the connection.
+        let (text, _, close) = head(answer(401, &[]), Some(5), true);
+        assert!(text.contains("\r\ndate: ") && text.ends_with("connection: close\r\n\r\n"));
+        assert!(close);
+        let (text, _, close) = head(answer(200, &[("connection", "close")]), Some(1), false);
+        assert_eq!(
+            (text.matches("connection: close").count(), close),
+            (1, true)
+        );
+        let (_, _, close) = head(answer(200, &[("content-length", "1, 2")]), None, false);
+        assert!(close);
     }
 
     #[test]
