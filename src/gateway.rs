@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, Version};
@@ -34,40 +34,7 @@ pub(crate) type Body = Either<Either<PooledBody, LeanBody>, Full<Bytes>>;
 
 /// A request's body: hyper's, or none for a request read by the server's own HTTP/1 path
 /// (`server::http1`), which takes only requests without one.
-#[derive(Debug)]
-pub(crate) enum RequestBody {
-    Hyper(Incoming),
-    Empty,
-}
-
-impl hyper::body::Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Hyper(body) => std::pin::Pin::new(body).poll_frame(cx),
-            RequestBody::Empty => std::task::Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Hyper(body) => body.is_end_stream(),
-            RequestBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            RequestBody::Hyper(body) => body.size_hint(),
-            RequestBody::Empty => hyper::body::SizeHint::with_exact(0),
-        }
-    }
-}
+pub(crate) type RequestBody = Either<Incoming, Empty<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::Either;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -398,7 +399,7 @@ where
         let service = service_fn(move |req: Request<Incoming>| {
             let serving = marks.serving(req.version());
             // Boxed: a request's future is a few KB, and hyper moves what it is given.
-            let response = Box::pin(handler(req.map(RequestBody::Hyper)));
+            let response = Box::pin(handler(req.map(Either::Left)));
             async move { Ok::<_, Infallible>(response.await.map(|b| Tracked::new(b, serving))) }
         });
         let (builder, active) = (Arc::clone(&builder), active.clone());

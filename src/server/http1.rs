@@ -25,10 +25,11 @@ use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
+use http_body_util::{Either, Empty};
 use hyper::body::Body;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
@@ -37,6 +38,7 @@ use tokio::net::TcpStream;
 use super::watchdog::Watch;
 use crate::credential::X_API_KEY;
 use crate::gateway::RequestBody;
+use crate::upstream::list_items;
 
 /// Headers a request head may have here; with more, hyper answers (431).
 const MAX_HEADERS: usize = 100;
@@ -193,19 +195,15 @@ fn build(head: &httparse::Request<'_, '_>, bytes: &Bytes) -> Option<(Request<Req
             return None;
         }
         if name == header::CONNECTION {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return None;
-                }
+            if has_token(h.value, b"upgrade") {
+                return None;
             }
+            close |= has_token(h.value, b"close");
         }
         let value = HeaderValue::from_maybe_shared(bytes.slice_ref(h.value)).ok()?;
         headers.append(name, value);
     }
-    let mut request = Request::new(RequestBody::Empty);
+    let mut request = Request::new(Either::Right(Empty::new()));
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Some((request, close))
@@ -388,10 +386,9 @@ where
     })
 }
 
+/// Whether a `Connection` value lists `token`, in any case.
 fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    list_items(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
@@ -409,17 +406,15 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 /// Calls `f` with the current `Date` value (RFC 9110 §5.6.7), made once a second per thread.
 fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
     thread_local! {
-        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        static DATE: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
     }
-    let now = SystemTime::now();
-    let second = now
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
+    // The coarse clock: a `Date` is to the second.
+    let now = crate::clock::now();
+    let second = now.as_second();
     DATE.with_borrow_mut(|(at, text)| {
         if *at != second {
             *at = second;
-            *text = httpdate::fmt_http_date(now);
+            *text = httpdate::fmt_http_date(SystemTime::from(now));
         }
         f(text.as_bytes())
     })
