@@ -26,8 +26,106 @@ const SECOND: Span = Span {
 /// Only slots that hold requests are kept, so an idle key costs almost nothing.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Slots {
-    entries: VecDeque<(u64, u32)>,
+    entries: Entries,
     total: u32,
+}
+
+/// Slots kept in place before a window's entries move to the heap.
+const INLINE: usize = 2;
+
+/// The entries of [`Slots`]: up to [`INLINE`] in place, more in a `VecDeque`.
+///
+/// A key that is used now and then holds a slot or two per window. In place, they are on the
+/// cache lines of the key's state, which the request has already brought in: with a million
+/// keys in use, each `VecDeque`'s buffer was one more random cache miss a request (two a
+/// request, one per window) and 64 bytes a key.
+#[derive(Debug, Clone)]
+enum Entries {
+    /// Oldest first: `items[..len]`.
+    Inline {
+        len: u8,
+        items: [(u64, u32); INLINE],
+    },
+    Spilled(VecDeque<(u64, u32)>),
+}
+
+impl Default for Entries {
+    fn default() -> Entries {
+        Entries::Inline {
+            len: 0,
+            items: [(0, 0); INLINE],
+        }
+    }
+}
+
+impl PartialEq for Entries {
+    fn eq(&self, other: &Entries) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Entries {}
+
+impl Entries {
+    fn is_empty(&self) -> bool {
+        match self {
+            Entries::Inline { len, .. } => *len == 0,
+            Entries::Spilled(deque) => deque.is_empty(),
+        }
+    }
+
+    fn front(&self) -> Option<&(u64, u32)> {
+        self.iter().next()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(u64, u32)> {
+        let (a, b) = match self {
+            Entries::Inline { len, items } => (&items[..usize::from(*len)], &[][..]),
+            Entries::Spilled(deque) => deque.as_slices(),
+        };
+        a.iter().chain(b)
+    }
+
+    fn pop_front(&mut self) {
+        match self {
+            Entries::Inline { len, items } => {
+                if *len > 0 {
+                    items.copy_within(1.., 0);
+                    *len -= 1;
+                }
+            }
+            Entries::Spilled(deque) => {
+                deque.pop_front();
+                // An emptied window gives its buffer back: the key may not be used again soon.
+                if deque.is_empty() {
+                    *self = Entries::default();
+                }
+            }
+        }
+    }
+
+    fn back_mut(&mut self) -> Option<&mut (u64, u32)> {
+        match self {
+            Entries::Inline { len, items } => items[..usize::from(*len)].last_mut(),
+            Entries::Spilled(deque) => deque.back_mut(),
+        }
+    }
+
+    fn push_back(&mut self, entry: (u64, u32)) {
+        match self {
+            Entries::Inline { len, items } if usize::from(*len) < INLINE => {
+                items[usize::from(*len)] = entry;
+                *len += 1;
+            }
+            Entries::Inline { items, .. } => {
+                let mut deque = VecDeque::with_capacity(2 * INLINE);
+                deque.extend(*items);
+                deque.push_back(entry);
+                *self = Entries::Spilled(deque);
+            }
+            Entries::Spilled(deque) => deque.push_back(entry),
+        }
+    }
 }
 
 impl Slots {
@@ -55,7 +153,7 @@ impl Slots {
     /// Microseconds until fewer than `limit` requests are counted.
     fn wait_below(&self, span: Span, limit: u32, now: u64) -> u64 {
         let mut excess = (self.count() + 1).saturating_sub(limit);
-        for &(slot, n) in &self.entries {
+        for &(slot, n) in self.entries.iter() {
             if n >= excess {
                 return Slots::expiry(span, slot).saturating_sub(now);
             }
@@ -314,6 +412,48 @@ mod tests {
             let in_second = allowed[i..].iter().take_while(|&&t| t < start + S).count();
             assert!(in_minute <= 100, "{in_minute} in the minute from {start}");
             assert!(in_second <= 10, "{in_second} in the second from {start}");
+        }
+    }
+
+    #[test]
+    fn entries_keep_their_order_in_place_on_the_heap_and_back() {
+        // Against a VecDeque, through growing past INLINE, shrinking to empty and growing again.
+        let mut entries = Entries::default();
+        let mut model = VecDeque::new();
+        let ops = [3, 1, 0, 0, 5, 7, 2, 6, 0, 4, 1, 1];
+        for (step, &pushes) in ops.iter().enumerate() {
+            if pushes == 0 {
+                entries.pop_front();
+                model.pop_front();
+            }
+            for i in 0..pushes {
+                let entry = (step as u64 * 10 + i, i as u32);
+                entries.push_back(entry);
+                model.push_back(entry);
+            }
+            if let (Some(a), Some(b)) = (entries.back_mut(), model.back_mut()) {
+                a.1 += 1;
+                b.1 += 1;
+            }
+            assert!(entries.iter().eq(model.iter()), "after step {step}");
+            assert_eq!(entries.front(), model.front());
+            assert_eq!(entries.is_empty(), model.is_empty());
+        }
+        while !model.is_empty() {
+            entries.pop_front();
+            model.pop_front();
+            assert!(entries.iter().eq(model.iter()));
+        }
+        assert!(
+            matches!(entries, Entries::Inline { len: 0, .. }),
+            "{entries:?}"
+        );
+        // A key used now and then keeps its slots in place.
+        let mut state = KeyWindows::default();
+        for t in [0, 40 * S, 80 * S, 120 * S] {
+            assert!(decide(&mut state, DEFAULTS, t).allowed());
+            assert!(matches!(state.minute.entries, Entries::Inline { .. }));
+            assert!(matches!(state.second.entries, Entries::Inline { .. }));
         }
     }
 
