@@ -5,6 +5,8 @@
 //!   cache lookup, both rate-limit windows;
 //! - a whole cache hit as the data plane runs it (failed-auth check, credential, checksum,
 //!   digest, cache, status, usage record, both windows, metrics), with 1,000 keys cached;
+//! - the same among 1,000 and 1,000,000 keys cached in a shuffled order, so that at a million
+//!   each request's key is far from the last one's in memory, as in the load bench;
 //! - a cache miss answered by the embedded store (SQLite on the blocking pool), 1,000 and
 //!   100,000 keys in the store.
 //!
@@ -114,6 +116,43 @@ fn cache_hit(c: &mut Criterion) {
     });
 }
 
+/// A cache hit among many keys in use: each request's key is one the CPU's caches have not
+/// seen lately, as in the load bench with a million keys. The keys are cached in a shuffled
+/// order and asked for in order, so the bench's own reading of their headers walks memory
+/// in order while the keys' entries and states are reached at random, as a server's are.
+fn cache_hit_many(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cache hit among many keys: verify + both limits");
+    for count in [1_000, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("keygate.db")).unwrap();
+        let hot = HotPath::new(config(dir.path()), store);
+        let mut keys = bench::keys(count, "kg_");
+        let headers: Vec<HeaderMap> = keys.iter().map(|(secret, _)| headers(secret)).collect();
+        shuffle(&mut keys);
+        hot.cache(keys.into_iter().map(|(_, record)| record));
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::from_parameter(count), &count, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % headers.len();
+                assert!(hot.admit_cached(black_box(&headers[i]), CLIENT));
+            });
+            hot.drop_usage();
+        });
+    }
+    group.finish();
+}
+
+/// Fisher-Yates on a xorshift: a fixed order from run to run.
+fn shuffle<T>(items: &mut [T]) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..items.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        items.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
+
 fn cache_miss(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut group = c.benchmark_group("cache miss: embedded store lookup + verify + limits");
@@ -134,7 +173,7 @@ fn cache_miss(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, steps, cache_hit, cache_miss);
+criterion_group!(benches, steps, cache_hit, cache_hit_many, cache_miss);
 
 fn main() {
     let started = std::time::SystemTime::now();

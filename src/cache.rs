@@ -22,20 +22,27 @@ const MAX_NEGATIVE_ENTRIES: usize = 1_000_000;
 /// A verified key: only what the hot path needs, already built (a cached key costs memory
 /// a million times over, so the rest of the record stays in the store). Built by
 /// [`KeyCache::build`].
-#[derive(Debug)]
+///
+/// Kept in the cache's table itself, not behind an `Arc` of its own: a request reads it from
+/// the bucket its digest was just compared in. With a million keys in use, the `Arc`'s
+/// counter was one more random cache miss a request, the third of the lookup's three.
+#[derive(Debug, Clone)]
 pub(crate) struct CachedKey {
     /// The key's windows and pending use, shared with every other entry of the same key id.
     pub(crate) state: Arc<KeyState>,
-    revoked: bool,
-    expires_at: Option<jiff::Timestamp>,
-    pub(crate) id_header: HeaderValue,
     /// What the key has in common with every key of the same owner and limits.
-    pub(crate) profile: Arc<Profile>,
+    pub(crate) profile: &'static Profile,
+    expires_at: Option<jiff::Timestamp>,
+    revoked: bool,
 }
 
 /// An owner and limits, with their header values, made once and shared by the cached keys
-/// that have them: at a million keys, 80 bytes a key kept once per owner instead (the header
-/// texts too, and their shared counters).
+/// that have them: at a million keys, 80 bytes a key kept once per owner instead.
+///
+/// Profiles are never dropped (the cache keeps each one it made, as there are few), so they
+/// are made `'static`, their header texts too: a request copies a key's profile and its
+/// headers without counting references, where counters shared by all of an owner's keys
+/// were written by every worker on every request.
 #[derive(Debug)]
 pub(crate) struct Profile {
     pub(crate) limits: Limits,
@@ -52,6 +59,15 @@ impl CachedKey {
         &self.state.id
     }
 
+    /// `X-Keygate-Key-Id`, over the key's own `Arc` of its id (no copy of the text). Made per
+    /// request rather than kept: one allocation from the thread's own free list, where a value
+    /// kept in the entry was one more allocation a key (~70 bytes at a million keys) and, for
+    /// its counter, one more random cache miss a request.
+    pub(crate) fn id_header(&self) -> HeaderValue {
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(IdBytes(Arc::clone(self.id()))))
+            .unwrap_or(HeaderValue::from_static(""))
+    }
+
     /// The key's status at `now`, a coarse reading ([`crate::clock::now`]), as
     /// [`KeyRecord::status`] computes it. Within a second of the key's expiry the precise clock
     /// decides instead: the coarse one lags by a tick or more (longer while the CPU keeping
@@ -64,6 +80,13 @@ impl CachedKey {
         };
         crate::key::status_at(self.revoked, self.expires_at, now)
     }
+}
+
+/// A header value of a [`Profile`], over text that lives as long as the process: its clones
+/// count no references.
+fn leak(value: HeaderValue) -> HeaderValue {
+    let text: &'static [u8] = Box::leak(value.as_bytes().into());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_static(text)).unwrap_or(value)
 }
 
 /// How near its expiry a key's status is decided on the precise clock; see [`CachedKey::status`].
@@ -80,11 +103,11 @@ impl AsRef<[u8]> for IdBytes {
 
 /// The [`Profile`]s of cached keys. Grows with the owners and limits of keys fetched, never
 /// with requests; not swept (a profile is a few dozen bytes).
-type Profiles = DashMap<(Box<str>, Limits), Arc<Profile>, foldhash::fast::RandomState>;
+type Profiles = DashMap<(Box<str>, Limits), &'static Profile, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 struct Entry {
-    key: Option<Arc<CachedKey>>,
+    key: Option<CachedKey>,
     /// [`KeyCache::now_ms`] when fetched: half of an `Instant`, in an entry kept a million
     /// times over.
     fetched: u64,
@@ -94,9 +117,9 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) enum Lookup {
     /// Within its ttl: `None` means known to be unknown.
-    Fresh(Option<Arc<CachedKey>>),
+    Fresh(Option<CachedKey>),
     /// Past its ttl but within `stale_if_error`: use only if the store cannot answer.
-    Stale(Arc<CachedKey>),
+    Stale(CachedKey),
     Miss,
 }
 
@@ -148,33 +171,28 @@ impl KeyCache {
     pub(crate) fn build(&self, record: KeyRecord, state: Arc<KeyState>) -> CachedKey {
         debug_assert_eq!(*state.id, *record.id);
         let limits = record.limits(self.defaults);
-        // Over the state's own `Arc` of the id: no copy of the text, and clones count
-        // references without first allocating a counter as a `Bytes` made from a `String` does.
-        let id_header = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(IdBytes(
-            Arc::clone(&state.id),
-        )))
-        .unwrap_or(HeaderValue::from_static(""));
         CachedKey {
             state,
-            revoked: record.revoked_at.is_some(),
-            expires_at: record.expires_at,
-            id_header,
             profile: self.profile(record.owner, limits),
+            expires_at: record.expires_at,
+            revoked: record.revoked_at.is_some(),
         }
     }
 
-    fn profile(&self, owner: String, limits: Limits) -> Arc<Profile> {
+    fn profile(&self, owner: String, limits: Limits) -> &'static Profile {
         let key = (owner.into_boxed_str(), limits);
         if let Some(profile) = self.profiles.get(&key) {
-            return Arc::clone(&profile);
+            return *profile;
         }
-        let profile = Arc::new(Profile {
-            limits,
-            policy: limits.policy_header(),
-            limit_header: limits.limit_header(),
-            owner_header: HeaderValue::from_str(&key.0).unwrap_or(HeaderValue::from_static("")),
-        });
-        Arc::clone(&self.profiles.entry(key).or_insert(profile))
+        let owner_header = HeaderValue::from_str(&key.0).unwrap_or(HeaderValue::from_static(""));
+        *self.profiles.entry(key).or_insert_with(|| {
+            Box::leak(Box::new(Profile {
+                limits,
+                policy: leak(limits.policy_header()),
+                limit_header: leak(limits.limit_header()),
+                owner_header: leak(owner_header),
+            }))
+        })
     }
 
     /// Milliseconds on the cache's clock, coarse ([`crate::clock`]): ages are compared with
@@ -190,14 +208,14 @@ impl KeyCache {
         };
         let age = Duration::from_millis(self.now_ms().saturating_sub(entry.fetched));
         match &entry.key {
-            Some(key) if age < self.ttl => Lookup::Fresh(Some(Arc::clone(key))),
-            Some(key) if age < self.ttl + self.stale_if_error => Lookup::Stale(Arc::clone(key)),
+            Some(key) if age < self.ttl => Lookup::Fresh(Some(key.clone())),
+            Some(key) if age < self.ttl + self.stale_if_error => Lookup::Stale(key.clone()),
             None if age < self.negative_ttl => Lookup::Fresh(None),
             _ => Lookup::Miss,
         }
     }
 
-    pub(crate) fn insert(&self, hash: [u8; 32], key: Option<Arc<CachedKey>>) {
+    pub(crate) fn insert(&self, hash: [u8; 32], key: Option<CachedKey>) {
         if key.is_none() && self.map.len() >= MAX_NEGATIVE_ENTRIES {
             return;
         }

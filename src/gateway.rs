@@ -280,7 +280,7 @@ impl Gateway {
             };
 
             let mut response = self
-                .forward(req, route, key.as_deref(), carried, peer, tls)
+                .forward(req, route, key.as_ref(), carried, peer, tls)
                 .await?;
             if let Some(rate) = rate {
                 rate.apply(response.headers_mut());
@@ -295,7 +295,7 @@ impl Gateway {
         headers: &HeaderMap,
         client_ip: IpAddr,
         now: Timestamp,
-    ) -> Result<(Arc<CachedKey>, CarriedBy), GatewayError> {
+    ) -> Result<(CachedKey, CarriedBy), GatewayError> {
         // Checked before the key, so a blocked client cannot tell a good guess from a bad one.
         if let Some(retry_after) = self.failed_auth.blocked(client_ip) {
             return Err(GatewayError::TooManyFailedAttempts { retry_after });
@@ -320,7 +320,7 @@ impl Gateway {
         &self,
         headers: &HeaderMap,
         now: Timestamp,
-    ) -> Result<(Arc<CachedKey>, CarriedBy), GatewayError> {
+    ) -> Result<(CachedKey, CarriedBy), GatewayError> {
         let (secret, carried) = credential::extract(headers).map_err(|e| match e {
             CredentialError::Missing => GatewayError::MissingApiKey,
             CredentialError::Conflicting => GatewayError::InvalidApiKey,
@@ -343,7 +343,7 @@ impl Gateway {
 
     /// The key of a digest: from the cache when fresh, else from the store, else (store down)
     /// from the cache while within `stale_if_error`.
-    async fn lookup(&self, hash: &[u8; 32]) -> Result<Option<Arc<CachedKey>>, GatewayError> {
+    async fn lookup(&self, hash: &[u8; 32]) -> Result<Option<CachedKey>, GatewayError> {
         let stale = match self.cache.get(hash) {
             Lookup::Fresh(Some(key)) => {
                 self.metrics.cache_hit.inc();
@@ -367,7 +367,7 @@ impl Gateway {
             Ok(record) => {
                 let key = record.map(|r| {
                     let state = self.states.of(&r.id);
-                    Arc::new(self.cache.build(r, state))
+                    self.cache.build(r, state)
                 });
                 self.cache.insert(*hash, key.clone());
                 Ok(key)
@@ -547,7 +547,7 @@ impl Gateway {
                 forwarded_for.map(|v| (&X_FORWARDED_FOR, v)),
                 Some((&X_FORWARDED_PROTO, Cow::Borrowed(proto))),
                 original_host.map(|v| (&X_FORWARDED_HOST, Cow::Owned(v))),
-                key.map(|k| (&X_KEYGATE_KEY_ID, Cow::Borrowed(&k.id_header))),
+                key.map(|k| (&X_KEYGATE_KEY_ID, Cow::Owned(k.id_header()))),
                 key.map(|k| (&X_KEYGATE_OWNER, Cow::Borrowed(&k.profile.owner_header))),
                 Some((&HOST, Cow::Borrowed(&route.host_header))),
             ],
