@@ -52,12 +52,8 @@ impl HotPath {
     /// Caches these keys as a store lookup would, in the order given, without the store: how
     /// a million keys get in use in seconds instead of a million lookups.
     pub fn cache(&self, records: impl IntoIterator<Item = KeyRecord>) {
-        let gateway = &self.gateway;
         for record in records {
-            let hash = record.hash;
-            let state = gateway.states.of(&record.id);
-            let key = gateway.cache.build(record, state);
-            gateway.cache.insert(hash, Some(key));
+            self.gateway.remember(record.hash, Some(record));
         }
     }
 

@@ -18,7 +18,7 @@ use crate::cache::{CachedKey, KeyCache, Lookup};
 use crate::config::{AuthMode, Config, OnStoreError};
 use crate::credential::{self, CarriedBy, CredentialError};
 use crate::error_chain;
-use crate::key::Status;
+use crate::key::{KeyRecord, Status};
 use crate::key_state::KeyStates;
 use crate::logging::{self, AccessLine};
 use crate::metrics::{Metrics, StoreOp};
@@ -364,14 +364,7 @@ impl Gateway {
             Err(StoreError::Unavailable("known to be down".into()))
         };
         match result {
-            Ok(record) => {
-                let key = record.map(|r| {
-                    let state = self.states.of(&r.id);
-                    self.cache.build(r, state)
-                });
-                self.cache.insert(*hash, key.clone());
-                Ok(key)
-            }
+            Ok(record) => Ok(self.remember(*hash, record)),
             Err(e) => {
                 if self.health.is_up() {
                     self.metrics.store_error(StoreOp::KeyLookup);
@@ -386,6 +379,16 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Caches the store's answer for a digest (a key, or none) and returns the key as cached.
+    pub(crate) fn remember(&self, hash: [u8; 32], record: Option<KeyRecord>) -> Option<CachedKey> {
+        let key = record.map(|r| {
+            let state = self.states.of(&r.id);
+            self.cache.build(r, state)
+        });
+        self.cache.insert(hash, key.clone());
+        key
     }
 
     /// Decides one request of a key: globally through Redis when so configured and Redis is
