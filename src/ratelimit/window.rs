@@ -22,113 +22,167 @@ const SECOND: Span = Span {
     slot: 1_000,
 };
 
-/// Allowed requests of one window, as (slot number, count), oldest first, and their total.
-/// Only slots that hold requests are kept, so an idle key costs almost nothing.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Slots {
-    entries: Entries,
-    total: u32,
+/// One slot's allowed requests, packed in 8 bytes: the slot's number in the high 44 bits, its
+/// count in the low 20. 44 bits of millisecond slots last 557 years from the clock's origin
+/// (the process's start). A slot that counts [`Entry::MAX_COUNT`] requests (a million in one
+/// slot) goes on in a second entry of the same number.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Entry(u64);
+
+impl Entry {
+    const COUNT_BITS: u32 = 20;
+    const MAX_COUNT: u32 = (1 << Entry::COUNT_BITS) - 1;
+
+    fn first(slot: u64) -> Entry {
+        debug_assert!(slot < 1 << (64 - Entry::COUNT_BITS), "slot {slot}");
+        Entry(slot << Entry::COUNT_BITS | 1)
+    }
+
+    fn slot(self) -> u64 {
+        self.0 >> Entry::COUNT_BITS
+    }
+
+    fn count(self) -> u32 {
+        (self.0 & u64::from(Entry::MAX_COUNT)) as u32
+    }
+
+    /// Counts one more request of `slot`; false when this entry is of another slot or full.
+    fn bump(&mut self, slot: u64) -> bool {
+        let fits = self.slot() == slot && self.count() < Entry::MAX_COUNT;
+        if fits {
+            self.0 += 1;
+        }
+        fits
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}×{}", self.slot(), self.count())
+    }
 }
 
 /// Slots kept in place before a window's entries move to the heap.
 const INLINE: usize = 2;
 
-/// The entries of [`Slots`]: up to [`INLINE`] in place, more in a `VecDeque`.
+/// Allowed requests of one window, by slot, oldest first. Only slots that hold requests are
+/// kept, so an idle key costs almost nothing.
 ///
-/// A key that is used now and then holds a slot or two per window. In place, they are on the
-/// cache lines of the key's state, which the request has already brought in: with a million
-/// keys in use, each `VecDeque`'s buffer was one more random cache miss a request (two a
-/// request, one per window) and 64 bytes a key.
+/// A key that is used now and then holds a slot or two per window: up to [`INLINE`] stay in
+/// place, on the cache lines of the key's state, which the request has already brought in.
+/// With a million keys in use, a buffer on the heap was one more random cache miss a request
+/// per window, and 64 bytes a key. More (a busy key) move to a `VecDeque`, boxed so that a
+/// window takes 24 bytes: a key's state, windows included, then fits in the 128 bytes of two
+/// cache lines.
 #[derive(Debug, Clone)]
-enum Entries {
-    /// Oldest first: `items[..len]`.
-    Inline {
-        len: u8,
-        items: [(u64, u32); INLINE],
+#[expect(
+    clippy::box_collection,
+    reason = "boxed, the deque is 8 bytes in place instead of 32"
+)]
+enum Slots {
+    /// `items[..len]`; their total is summed when asked, from two entries at most.
+    Inline { len: u8, items: [Entry; INLINE] },
+    Spilled {
+        total: u32,
+        entries: Box<VecDeque<Entry>>,
     },
-    Spilled(VecDeque<(u64, u32)>),
 }
 
-impl Default for Entries {
-    fn default() -> Entries {
-        Entries::Inline {
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots::Inline {
             len: 0,
-            items: [(0, 0); INLINE],
+            items: [Entry(0); INLINE],
         }
     }
 }
 
-impl PartialEq for Entries {
-    fn eq(&self, other: &Entries) -> bool {
+impl PartialEq for Slots {
+    fn eq(&self, other: &Slots) -> bool {
         self.iter().eq(other.iter())
     }
 }
 
-impl Eq for Entries {}
+impl Eq for Slots {}
 
-impl Entries {
+impl Slots {
     fn is_empty(&self) -> bool {
         match self {
-            Entries::Inline { len, .. } => *len == 0,
-            Entries::Spilled(deque) => deque.is_empty(),
+            Slots::Inline { len, .. } => *len == 0,
+            Slots::Spilled { entries, .. } => entries.is_empty(),
         }
     }
 
-    fn front(&self) -> Option<&(u64, u32)> {
+    fn front(&self) -> Option<Entry> {
         self.iter().next()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(u64, u32)> {
+    fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
         let (a, b) = match self {
-            Entries::Inline { len, items } => (&items[..usize::from(*len)], &[][..]),
-            Entries::Spilled(deque) => deque.as_slices(),
+            Slots::Inline { len, items } => (&items[..usize::from(*len)], &[][..]),
+            Slots::Spilled { entries, .. } => entries.as_slices(),
         };
-        a.iter().chain(b)
+        a.iter().chain(b).copied()
+    }
+
+    /// Requests counted, all slots together.
+    fn count(&self) -> u32 {
+        match self {
+            Slots::Inline { .. } => self.iter().map(Entry::count).sum(),
+            Slots::Spilled { total, .. } => *total,
+        }
     }
 
     fn pop_front(&mut self) {
         match self {
-            Entries::Inline { len, items } => {
+            Slots::Inline { len, items } => {
                 if *len > 0 {
                     items.copy_within(1.., 0);
                     *len -= 1;
                 }
             }
-            Entries::Spilled(deque) => {
-                deque.pop_front();
+            Slots::Spilled { total, entries } => {
+                if let Some(gone) = entries.pop_front() {
+                    *total -= gone.count();
+                }
                 // An emptied window gives its buffer back: the key may not be used again soon.
-                if deque.is_empty() {
-                    *self = Entries::default();
+                if entries.is_empty() {
+                    *self = Slots::default();
                 }
             }
         }
     }
 
-    fn back_mut(&mut self) -> Option<&mut (u64, u32)> {
+    /// Counts one request of `slot`, in the last entry if it is of that slot.
+    fn count_one(&mut self, slot: u64) {
         match self {
-            Entries::Inline { len, items } => items[..usize::from(*len)].last_mut(),
-            Entries::Spilled(deque) => deque.back_mut(),
+            Slots::Inline { len, items } => {
+                let n = usize::from(*len);
+                if n > 0 && items[n - 1].bump(slot) {
+                    return;
+                }
+                if n < INLINE {
+                    items[n] = Entry::first(slot);
+                    *len += 1;
+                    return;
+                }
+                let mut entries = VecDeque::with_capacity(2 * INLINE);
+                entries.extend(*items);
+                entries.push_back(Entry::first(slot));
+                *self = Slots::Spilled {
+                    total: entries.iter().map(|e| e.count()).sum(),
+                    entries: Box::new(entries),
+                };
+            }
+            Slots::Spilled { total, entries } => {
+                if !entries.back_mut().is_some_and(|last| last.bump(slot)) {
+                    entries.push_back(Entry::first(slot));
+                }
+                *total += 1;
+            }
         }
     }
 
-    fn push_back(&mut self, entry: (u64, u32)) {
-        match self {
-            Entries::Inline { len, items } if usize::from(*len) < INLINE => {
-                items[usize::from(*len)] = entry;
-                *len += 1;
-            }
-            Entries::Inline { items, .. } => {
-                let mut deque = VecDeque::with_capacity(2 * INLINE);
-                deque.extend(*items);
-                deque.push_back(entry);
-                *self = Entries::Spilled(deque);
-            }
-            Entries::Spilled(deque) => deque.push_back(entry),
-        }
-    }
-}
-
-impl Slots {
     /// When the requests of `slot` stop counting: as if made at the slot's last microsecond,
     /// plus the window.
     fn expiry(span: Span, slot: u64) -> u64 {
@@ -136,46 +190,36 @@ impl Slots {
     }
 
     fn prune(&mut self, span: Span, now: u64) {
-        while let Some(&(slot, n)) = self.entries.front() {
-            if Slots::expiry(span, slot) <= now {
-                self.entries.pop_front();
-                self.total -= n;
+        while let Some(entry) = self.front() {
+            if Slots::expiry(span, entry.slot()) <= now {
+                self.pop_front();
             } else {
                 break;
             }
         }
     }
 
-    fn count(&self) -> u32 {
-        self.total
-    }
-
     /// Microseconds until fewer than `limit` requests are counted.
     fn wait_below(&self, span: Span, limit: u32, now: u64) -> u64 {
         let mut excess = (self.count() + 1).saturating_sub(limit);
-        for &(slot, n) in self.entries.iter() {
-            if n >= excess {
-                return Slots::expiry(span, slot).saturating_sub(now);
+        for entry in self.iter() {
+            if entry.count() >= excess {
+                return Slots::expiry(span, entry.slot()).saturating_sub(now);
             }
-            excess -= n;
+            excess -= entry.count();
         }
         0
     }
 
     /// Microseconds until the oldest counted request stops counting.
     fn next_release(&self, span: Span, now: u64) -> u64 {
-        self.entries.front().map_or(0, |&(slot, _)| {
-            Slots::expiry(span, slot).saturating_sub(now)
+        self.front().map_or(0, |entry| {
+            Slots::expiry(span, entry.slot()).saturating_sub(now)
         })
     }
 
     fn add(&mut self, span: Span, now: u64) {
-        let slot = now / span.slot;
-        match self.entries.back_mut() {
-            Some((last, n)) if *last == slot => *n += 1,
-            _ => self.entries.push_back((slot, 1)),
-        }
-        self.total += 1;
+        self.count_one(now / span.slot);
     }
 }
 
@@ -191,7 +235,7 @@ impl KeyWindows {
     pub fn is_idle(&mut self, now: u64) -> bool {
         self.minute.prune(MINUTE, now);
         self.second.prune(SECOND, now);
-        self.minute.entries.is_empty() && self.second.entries.is_empty()
+        self.minute.is_empty() && self.second.is_empty()
     }
 }
 
@@ -416,45 +460,75 @@ mod tests {
     }
 
     #[test]
-    fn entries_keep_their_order_in_place_on_the_heap_and_back() {
-        // Against a VecDeque, through growing past INLINE, shrinking to empty and growing again.
-        let mut entries = Entries::default();
-        let mut model = VecDeque::new();
-        let ops = [3, 1, 0, 0, 5, 7, 2, 6, 0, 4, 1, 1];
-        for (step, &pushes) in ops.iter().enumerate() {
-            if pushes == 0 {
-                entries.pop_front();
+    fn slots_keep_their_order_and_count_in_place_on_the_heap_and_back() {
+        // Against a VecDeque of (slot, count), through growing past INLINE, shrinking to empty
+        // and growing again; each step counts `n` requests in each of `slots` new slots.
+        let mut slots = Slots::default();
+        let mut model: VecDeque<(u64, u32)> = VecDeque::new();
+        let ops = [
+            (3, 1),
+            (1, 2),
+            (0, 0),
+            (0, 0),
+            (5, 1),
+            (7, 3),
+            (2, 1),
+            (6, 2),
+            (0, 0),
+        ];
+        let mut slot = 100;
+        for (step, &(new_slots, n)) in ops.iter().enumerate() {
+            if new_slots == 0 {
+                slots.pop_front();
                 model.pop_front();
             }
-            for i in 0..pushes {
-                let entry = (step as u64 * 10 + i, i as u32);
-                entries.push_back(entry);
-                model.push_back(entry);
+            for _ in 0..new_slots {
+                slot += 1 + step as u64;
+                for _ in 0..n {
+                    slots.count_one(slot);
+                }
+                model.push_back((slot, n));
             }
-            if let (Some(a), Some(b)) = (entries.back_mut(), model.back_mut()) {
-                a.1 += 1;
-                b.1 += 1;
-            }
-            assert!(entries.iter().eq(model.iter()), "after step {step}");
-            assert_eq!(entries.front(), model.front());
-            assert_eq!(entries.is_empty(), model.is_empty());
+            let seen: Vec<_> = slots.iter().map(|e| (e.slot(), e.count())).collect();
+            assert!(seen.iter().eq(model.iter()), "after step {step}: {seen:?}");
+            assert_eq!(slots.count(), model.iter().map(|e| e.1).sum::<u32>());
+            assert_eq!(slots.is_empty(), model.is_empty());
         }
+        assert!(matches!(slots, Slots::Spilled { .. }), "{slots:?}");
         while !model.is_empty() {
-            entries.pop_front();
+            slots.pop_front();
             model.pop_front();
-            assert!(entries.iter().eq(model.iter()));
+            assert_eq!(slots.count(), model.iter().map(|e| e.1).sum::<u32>());
         }
-        assert!(
-            matches!(entries, Entries::Inline { len: 0, .. }),
-            "{entries:?}"
-        );
+        assert!(matches!(slots, Slots::Inline { len: 0, .. }), "{slots:?}");
         // A key used now and then keeps its slots in place.
         let mut state = KeyWindows::default();
         for t in [0, 40 * S, 80 * S, 120 * S] {
             assert!(decide(&mut state, DEFAULTS, t).allowed());
-            assert!(matches!(state.minute.entries, Entries::Inline { .. }));
-            assert!(matches!(state.second.entries, Entries::Inline { .. }));
+            assert!(matches!(state.minute, Slots::Inline { .. }));
+            assert!(matches!(state.second, Slots::Inline { .. }));
         }
+    }
+
+    #[test]
+    fn a_full_slot_goes_on_in_a_second_entry_of_the_same_slot() {
+        let mut slots = Slots::default();
+        for _ in 0..Entry::MAX_COUNT {
+            slots.count_one(7);
+        }
+        slots.count_one(7);
+        slots.count_one(7);
+        let seen: Vec<_> = slots.iter().map(|e| (e.slot(), e.count())).collect();
+        assert_eq!(seen, [(7, Entry::MAX_COUNT), (7, 2)]);
+        assert_eq!(slots.count(), Entry::MAX_COUNT + 2);
+        slots.pop_front();
+        assert_eq!(slots.count(), 2);
+    }
+
+    #[test]
+    fn a_window_takes_24_bytes() {
+        assert_eq!(std::mem::size_of::<Slots>(), 24);
+        assert_eq!(std::mem::size_of::<KeyWindows>(), 48);
     }
 
     #[test]
