@@ -252,6 +252,11 @@ impl KeyCache {
         });
     }
 
+    /// Entries, live or expired, as the sweep's pace counts them.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
     /// Drops entries that can no longer be used.
     pub(crate) fn sweep(&self) {
         let (ttl, negative_ttl) = (self.ttl + self.stale_if_error, self.negative_ttl);

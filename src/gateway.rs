@@ -72,7 +72,7 @@ pub(crate) struct Gateway {
 /// How many times as long as a pass over the per-key maps took the next one waits.
 ///
 /// Those passes read each key's entry and state, a random memory read per key in use, on the
-/// core the event loop shares: a million keys took 100-130 ms a pass, and a pass every 10 s
+/// core the event loop shares: a million keys took 90-126 ms a pass, and a pass every 10 s
 /// was 1% of that core, one of the costs a request pays at a million keys and not at a
 /// thousand (`benches/load.rs --big 1000000`). Waiting 500 times a pass keeps them under
 /// 0.2% of a core: a million keys are swept about once a minute, a thousand at every tick.
@@ -80,22 +80,35 @@ pub(crate) struct Gateway {
 /// longer to be dropped.
 const KEY_SWEEP_PACE: u32 = 500;
 
-/// When the next pass of a periodic job may run: [`KEY_SWEEP_PACE`] times its last pass after
-/// that pass ended, so the job takes a bounded share of a core whatever it has to go over.
+/// Entries that make a pass due whatever its pace: twice as many as the last pass kept, and
+/// at least this many. A flood of unknown keys (each remembered as unknown for
+/// `negative_ttl`) fills the cache up to its cap on unknown keys within seconds; paced alone,
+/// a pass over the full cache would leave the next a minute away, and each unknown key would
+/// cost a store lookup meanwhile. Once the maps have doubled, the pass comes at the next tick,
+/// as before the pace: a pass goes over at most twice the entries added since the last.
+const KEY_SWEEP_GROWTH_FLOOR: usize = 100_000;
+
+/// When the next pass of a periodic job over the per-key maps is due: [`KEY_SWEEP_PACE`]
+/// times its last pass after that pass ended, or once the maps have doubled, so the job takes
+/// a bounded share of a core whatever it has to go over, and the maps a bounded size.
 #[derive(Debug, Default)]
 struct Pace {
     next: Option<Instant>,
+    /// Entries the last pass left.
+    kept: usize,
 }
 
 impl Pace {
-    fn is_due(&self, now: Instant) -> bool {
+    fn is_due(&self, now: Instant, entries: usize) -> bool {
         self.next.is_none_or(|next| now >= next)
+            || entries >= (2 * self.kept).max(KEY_SWEEP_GROWTH_FLOOR)
     }
 
-    /// Notes a pass that ran from `started` to `ended`.
-    fn ran(&mut self, started: Instant, ended: Instant) -> std::time::Duration {
+    /// Notes a pass that ran from `started` to `ended` and left `kept` entries.
+    fn ran(&mut self, started: Instant, ended: Instant, kept: usize) -> std::time::Duration {
         let wait = ended.saturating_duration_since(started) * KEY_SWEEP_PACE;
         self.next = Some(ended + wait);
+        self.kept = kept;
         wait
     }
 }
@@ -175,12 +188,13 @@ impl Gateway {
         self.failed_auth.sweep();
         let started = Instant::now();
         let mut pace = crate::lock(&self.key_sweep);
-        if pace.is_due(started) {
+        if pace.is_due(started, self.cache.len() + self.states.len()) {
             self.cache.sweep();
             self.states.sweep();
             let ended = Instant::now();
-            let next_in = pace.ran(started, ended);
-            tracing::debug!(elapsed = ?ended - started, ?next_in, "idle keys swept");
+            let kept = self.cache.len() + self.states.len();
+            let next_in = pace.ran(started, ended, kept);
+            tracing::debug!(elapsed = ?ended - started, kept, ?next_in, "idle keys swept");
         }
     }
 
@@ -682,19 +696,33 @@ mod tests {
     fn a_pass_waits_its_pace_times_as_long_as_the_last_one_took() {
         let mut pace = Pace::default();
         let started = Instant::now();
-        assert!(pace.is_due(started), "the first pass runs at once");
+        assert!(pace.is_due(started, 0), "the first pass runs at once");
 
         let ended = started + Duration::from_millis(100);
-        let wait = pace.ran(started, ended);
+        let wait = pace.ran(started, ended, 1_000_000);
         assert_eq!(wait, Duration::from_millis(100) * KEY_SWEEP_PACE);
-        assert!(!pace.is_due(ended));
-        assert!(!pace.is_due(ended + wait - Duration::from_millis(1)));
-        assert!(pace.is_due(ended + wait));
+        assert!(!pace.is_due(ended, 1_000_000));
+        assert!(!pace.is_due(ended + wait - Duration::from_millis(1), 1_000_000));
+        assert!(pace.is_due(ended + wait, 1_000_000));
 
         // A quick pass (a few keys) lets the next run at the following tick.
         let (started, ended) = (ended + wait, ended + wait + Duration::from_micros(20));
-        let wait = pace.ran(started, ended);
+        let wait = pace.ran(started, ended, 1_000);
         assert!(wait < Duration::from_secs(1), "{wait:?}");
-        assert!(pace.is_due(ended + Duration::from_secs(10)));
+        assert!(pace.is_due(ended + Duration::from_secs(10), 1_000));
+    }
+
+    #[test]
+    fn maps_that_doubled_since_the_last_pass_are_swept_before_their_pace() {
+        let mut pace = Pace::default();
+        let started = Instant::now();
+        let ended = started + Duration::from_millis(100);
+        pace.ran(started, ended, 300_000);
+        assert!(!pace.is_due(ended, 599_999));
+        assert!(pace.is_due(ended, 600_000));
+        // Small maps wait for the floor, not for twice a handful.
+        pace.ran(started, ended, 10);
+        assert!(!pace.is_due(ended, KEY_SWEEP_GROWTH_FLOOR - 1));
+        assert!(pace.is_due(ended, KEY_SWEEP_GROWTH_FLOOR));
     }
 }

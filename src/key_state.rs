@@ -114,7 +114,7 @@ impl KeyStates {
             .retain(|_, state| Arc::strong_count(state) > 1 || !state.is_idle(now));
     }
 
-    #[cfg(test)]
+    /// States held, as the sweep's pace counts them.
     pub(crate) fn len(&self) -> usize {
         self.by_id.len()
     }
