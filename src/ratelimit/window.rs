@@ -170,7 +170,7 @@ impl Slots {
                 entries.extend(*items);
                 entries.push_back(Entry::first(slot));
                 *self = Slots::Spilled {
-                    total: entries.iter().map(|e| e.count()).sum(),
+                    total: entries.iter().copied().map(Entry::count).sum(),
                     entries: Box::new(entries),
                 };
             }
