@@ -712,6 +712,38 @@ mod tests {
         assert!(pace.is_due(ended + Duration::from_secs(10), 1_000));
     }
 
+    /// The pace delays passes but never the first: a gateway's first sweep drops the entry of
+    /// an unknown key past `negative_ttl` and keeps the key still in use, and its state.
+    #[test]
+    fn the_first_sweep_drops_what_expired_and_keeps_what_is_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(&format!(
+            "admin: {{token: test-admin-token-0123456789}}\n\
+             store: {{backend: embedded, path: {}/keygate.db}}\n\
+             cache: {{ttl: 1h, negative_ttl: 1ms}}\n\
+             routes: [{{name: api, path_prefix: /, upstream: 'http://127.0.0.1:9'}}]\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("keygate.db")).unwrap();
+        let gateway = Gateway::new(Arc::new(config), Arc::new(store), None).unwrap();
+        let (_, live) = crate::bench::keys(1, "kg_").remove(0);
+        let live_hash = live.hash;
+        gateway.remember(live_hash, Some(live));
+        gateway.remember([7; 32], None);
+        // Past the 1 ms, on the cache's coarse clock too (a tick or more behind).
+        std::thread::sleep(Duration::from_millis(100));
+
+        gateway.sweep();
+        assert_eq!(gateway.cache.len(), 1, "the unknown key's entry is dropped");
+        assert!(matches!(gateway.cache.get(&[7; 32]), Lookup::Miss));
+        assert!(matches!(
+            gateway.cache.get(&live_hash),
+            Lookup::Fresh(Some(_))
+        ));
+        assert_eq!(gateway.states.len(), 1, "the live key keeps its state");
+    }
+
     #[test]
     fn maps_that_doubled_since_the_last_pass_are_swept_before_their_pace() {
         let mut pace = Pace::default();
