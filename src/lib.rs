@@ -38,6 +38,7 @@ mod gateway;
 mod key_state;
 mod metrics;
 mod problem;
+mod socket;
 mod upstream;
 mod usage;
 

@@ -109,7 +109,9 @@ async fn fill(stream: &TcpStream, read: &mut BytesMut, watch: &Watch) -> io::Res
             if watch.flagged(cx.waker()) {
                 return Poll::Ready(Ok(false));
             }
-            match stream.try_read_buf(read) {
+            // A read that drains the socket clears its readiness, so that waiting for the
+            // next request costs no system call (see `try_read_draining`).
+            match crate::socket::try_read_draining(stream, read) {
                 Ok(0) => return Poll::Ready(Ok(false)),
                 Ok(_) => return Poll::Ready(Ok(true)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -37,7 +37,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode, Uri};
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::Rewrite;
@@ -253,27 +252,11 @@ impl Conn {
         let stream = &self.io.stream;
         loop {
             ready!(stream.poll_read_ready(cx))?;
-            // A read that did not fill the room drained the socket: its readiness is
-            // cleared now, as tokio's own `poll_read` does, instead of by a later read
-            // failing with `WouldBlock` (`is_quiet`, when the connection is next taken): one
-            // system call a response. `try_io` clears the readiness it saw before the read,
-            // not any that came during it, and only when its closure returns `WouldBlock`:
-            // a short read returns that, its count set aside.
-            let room = self.read.capacity() - self.read.len();
-            let mut short = None;
-            let read = stream.try_io(Interest::READABLE, || {
-                match stream.try_read_buf(&mut self.read)? {
-                    n if n > 0 && n < room => {
-                        short = Some(n);
-                        Err(io::ErrorKind::WouldBlock.into())
-                    }
-                    n => Ok(n),
-                }
-            });
-            match (read, short) {
-                (_, Some(n)) => return Poll::Ready(Ok(n)),
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                (done, None) => return Poll::Ready(done),
+            // A read that drains the socket clears its readiness (one system call a
+            // response less: `is_quiet`, when the connection is next taken, costs none).
+            match crate::socket::try_read_draining(stream, &mut self.read) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return Poll::Ready(done),
             }
         }
     }
