@@ -459,6 +459,18 @@ mod tests {
         }
     }
 
+    /// `slots` holds the model's (slot, count) entries in its order, and their total.
+    fn assert_matches_model(slots: &Slots, model: &VecDeque<(u64, u32)>, when: &str) {
+        let seen: Vec<_> = slots.iter().map(|e| (e.slot(), e.count())).collect();
+        assert!(seen.iter().eq(model.iter()), "{when}: {seen:?}");
+        assert_eq!(
+            slots.count(),
+            model.iter().map(|e| e.1).sum::<u32>(),
+            "{when}"
+        );
+        assert_eq!(slots.is_empty(), model.is_empty(), "{when}");
+    }
+
     #[test]
     fn slots_keep_their_order_and_count_in_place_on_the_heap_and_back() {
         // Against a VecDeque of (slot, count), through growing past INLINE, shrinking to empty
@@ -489,16 +501,13 @@ mod tests {
                 }
                 model.push_back((slot, n));
             }
-            let seen: Vec<_> = slots.iter().map(|e| (e.slot(), e.count())).collect();
-            assert!(seen.iter().eq(model.iter()), "after step {step}: {seen:?}");
-            assert_eq!(slots.count(), model.iter().map(|e| e.1).sum::<u32>());
-            assert_eq!(slots.is_empty(), model.is_empty());
+            assert_matches_model(&slots, &model, &format!("after step {step}"));
         }
         assert!(matches!(slots, Slots::Spilled { .. }), "{slots:?}");
         while !model.is_empty() {
             slots.pop_front();
             model.pop_front();
-            assert_eq!(slots.count(), model.iter().map(|e| e.1).sum::<u32>());
+            assert_matches_model(&slots, &model, "draining");
         }
         assert!(matches!(slots, Slots::Inline { len: 0, .. }), "{slots:?}");
         // A key used now and then keeps its slots in place.
