@@ -77,9 +77,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_that_fills_the_room_keeps_the_readiness_and_the_close_is_still_read() {
+        // The peer stays open until the socket is drained: a closed socket is held readable
+        // whatever the helper clears, and would hide a readiness cleared too early.
         let (near, mut far) = pair().await;
         far.write_all(b"0123456789").await.unwrap();
-        drop(far);
         near.readable().await.unwrap();
         let mut read = BytesMut::with_capacity(4);
         let room = read.capacity();
@@ -90,9 +91,28 @@ mod tests {
         );
         read.reserve(64);
         assert_eq!(try_read_draining(&near, &mut read).unwrap(), 10 - room);
-        // The peer's close is seen, whether it came with the bytes or after.
+        assert!(
+            !held_readable(&near).await,
+            "readiness kept after the socket was drained"
+        );
+        drop(far);
         near.readable().await.unwrap();
         assert_eq!(try_read_draining(&near, &mut read).unwrap(), 0);
         assert_eq!(&read[..], b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn a_close_that_came_with_the_last_bytes_is_read_after_them() {
+        let (near, mut far) = pair().await;
+        far.write_all(b"last").await.unwrap();
+        drop(far);
+        near.readable().await.unwrap();
+        let mut read = BytesMut::with_capacity(1024);
+        assert_eq!(try_read_draining(&near, &mut read).unwrap(), 4);
+        assert!(
+            held_readable(&near).await,
+            "the close must still wake the reader"
+        );
+        assert_eq!(try_read_draining(&near, &mut read).unwrap(), 0);
     }
 }
