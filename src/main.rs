@@ -18,15 +18,15 @@ use tracing_subscriber::EnvFilter;
 const BLOCKING_THREADS: usize = 8;
 
 /// Tasks the single-thread worker runs before it looks for new I/O events while tasks are
-/// still ready (it always looks once none are). With tokio's default of 61, under load the
-/// worker looked mid-way through the ~130 tasks that the load bench's 64 connections make
-/// ready at a time, and the connections whose events had just come were run ahead of those
-/// still waiting from the last look: a request could be served twice while another waited
-/// behind both, and keygate's p99 was twice its p50 (nginx's: 1.7 times). Looking only once
-/// the ready tasks have all run serves every connection once a turn, in order; p99 fell to
-/// 1.7-1.8 times p50 (medians of 8 interleaved 4 s runs each of 61, 256, 1024 and unbounded).
-/// The bound still lets timers and other sockets in when tasks keep each other ready without
-/// end: 1024 polls are a few milliseconds.
+/// still ready (it always looks once none are). Under load, with tokio's default of 61, it
+/// looked two or three times a turn through the ~130 tasks the load bench's 64 connections
+/// make ready at a time, so a request that came in during a turn was served in that turn or
+/// in the next, depending on whether a look happened to follow it: keygate's p99 was 2.0 times
+/// its p50, nginx's 1.7. Looking once the ready tasks have all run serves each request that
+/// came in during a turn in the next one. p99 / p50 fell to 1.8 with 1,024 and 1.7 unbounded
+/// (medians of 8 interleaved 4 s runs each, against 1.8 with 256), and the load bench's
+/// keygate / nginx p99 from 1.01-1.21x to 0.65-0.78x. The bound still lets timers and other
+/// sockets in when tasks keep each other ready without end: 1,024 polls take milliseconds.
 const EVENT_INTERVAL: u32 = 1024;
 
 /// mimalloc (through `keygate-alloc`): a request allocates and frees many small buffers across
