@@ -23,10 +23,11 @@ const BLOCKING_THREADS: usize = 8;
 /// make ready at a time, so a request that came in during a turn was served in that turn or
 /// in the next, depending on whether a look happened to follow it: keygate's p99 was 2.0 times
 /// its p50, nginx's 1.7. Looking once the ready tasks have all run serves each request that
-/// came in during a turn in the next one. p99 / p50 fell to 1.8 with 1,024 and 1.7 unbounded
-/// (medians of 8 interleaved 4 s runs each, against 1.8 with 256), and the load bench's
-/// keygate / nginx p99 from 1.01-1.21x to 0.65-0.78x. The bound still lets timers and other
-/// sockets in when tasks keep each other ready without end: 1,024 polls take milliseconds.
+/// came in during a turn in the next one. p99 / p50, medians of 8 interleaved 4 s runs each:
+/// 2.0 with 61, 1.84 with 256, 1.79 with 1,024, 1.72 unbounded; the load bench's keygate /
+/// nginx p99 went from 1.01-1.21x to 0.65-0.78x. The bound, not none, still lets timers and
+/// other sockets in when tasks keep each other ready without end (hyper's HTTP/1 dispatcher
+/// wakes itself after 16 rounds of its loop): 1,024 polls take milliseconds.
 const EVENT_INTERVAL: u32 = 1024;
 
 /// mimalloc (through `keygate-alloc`): a request allocates and frees many small buffers across
